@@ -1,0 +1,282 @@
+"""QwenVLCausalLM: logits, a KV-cached `generate()` and `chat()`."""
+
+import keras
+import numpy as np
+from keras import ops
+from keras_hub.models import CausalLM
+from keras_hub.src.utils.tensor_utils import any_equal
+
+from keras_qwenvl.backbone import QwenVLBackbone
+from keras_qwenvl.backbone import interleave_image_features
+from keras_qwenvl.presets import QwenVLPresetMixin
+
+try:
+    import tensorflow as tf
+except ImportError:  # pragma: no cover
+    tf = None
+
+
+@keras.saving.register_keras_serializable(package="keras_qwenvl")
+class QwenVLCausalLM(QwenVLPresetMixin, CausalLM):
+    """Qwen-VL for causal language modelling and generation.
+
+    `call` returns next-token logits (b, t, vocabulary_size). `generate()`
+    encodes each prompt's images once, fills a KV cache with one pass over
+    the prompt and then decodes token by token with a keras-hub sampler
+    (`compile(sampler=...)`, greedy by default). It stops on `<|im_end|>`,
+    `<|im_start|>` and `<|endoftext|>` by default. Dynamic NTK and log-n
+    scaling behave as in the reference at inference: the NTK factor is
+    fixed by each prompt's length on the first pass and reused while
+    decoding.
+
+    Args:
+        backbone: a `QwenVLBackbone`.
+        preprocessor: a `QwenVLCausalLMPreprocessor` or None.
+    """
+
+    backbone_cls = QwenVLBackbone
+    preprocessor_cls = None  # set in keras_qwenvl/__init__.py
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+
+        # === Functional Model ===
+        inputs = backbone.input
+        hidden_states = backbone(inputs=inputs)
+        outputs = backbone.token_embedding(hidden_states, reverse=True)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def __call__(self, inputs, *args, **kwargs):
+        return super().__call__(
+            self.backbone.fill_images(inputs), *args, **kwargs
+        )
+
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="greedy",
+        **kwargs,
+    ):
+        super().compile(
+            optimizer=optimizer,
+            loss=loss,
+            weighted_metrics=weighted_metrics,
+            sampler=sampler,
+            **kwargs,
+        )
+
+    # === Cached forward pass ===
+
+    def call_with_cache(
+        self,
+        token_ids,
+        cache,
+        cache_update_index,
+        prompt_lengths,
+        image_features=None,
+        cache_update_mask=None,
+    ):
+        """Forward `token_ids` (b, t) placed at `cache_update_index`.
+
+        Args:
+            cache: tuple over layers of (key, value), each
+                (b, max_length, num_heads, head_dim).
+            cache_update_index: absolute position of `token_ids[:, 0]`.
+            prompt_lengths: (b,) prompt lengths; they fix the dynamic-NTK
+                factor for the whole generation.
+            image_features: (b, m, num_queries, hidden) or None; spans are
+                filled only on the pass over the prompt.
+            cache_update_mask: (b, t) bool or None; where False the cache
+                keeps its entries (prompt positions of longer prompts that
+                the decoding loop walks over).
+        Returns:
+            (logits, hidden_states, cache).
+        """
+        backbone = self.backbone
+        x = backbone.token_embedding(token_ids)
+        if image_features is not None:
+            x = interleave_image_features(
+                x, token_ids, image_features, backbone.image_start_token_id
+            )
+        new_cache = []
+        for layer, layer_cache in zip(backbone.transformer_layers, cache):
+            x, layer_cache = layer(
+                x,
+                prompt_lengths=prompt_lengths,
+                cache=layer_cache,
+                cache_update_index=cache_update_index,
+                cache_update_mask=cache_update_mask,
+            )
+            new_cache.append(layer_cache)
+        hidden_states = backbone.final_normalization(x)
+        logits = backbone.token_embedding(hidden_states, reverse=True)
+        return logits, hidden_states, tuple(new_cache)
+
+    def _build_cache(self, token_ids, prompt_lengths, image_features):
+        """Allocate the cache and fill it with one pass over the prompt."""
+        backbone = self.backbone
+        batch, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
+        shape = (batch, max_length, backbone.num_heads, backbone.head_dim)
+        cache = tuple(
+            (
+                ops.zeros(shape, dtype=self.compute_dtype),
+                ops.zeros(shape, dtype=self.compute_dtype),
+            )
+            for _ in range(backbone.num_layers)
+        )
+        _, hidden_states, cache = self.call_with_cache(
+            token_ids,
+            cache,
+            0,
+            prompt_lengths=prompt_lengths,
+            image_features=image_features,
+        )
+        return hidden_states, cache
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """Generate for one batch of preprocessed inputs (static shapes).
+
+        Args:
+            inputs: dict with `token_ids` and `padding_mask` (b, max_length)
+                and, for a multimodal backbone, `images` (b, m, S, S, 3).
+            stop_token_ids: tuple of ids that end a sequence, or None.
+        """
+        token_ids = inputs["token_ids"]
+        padding_mask = ops.cast(inputs["padding_mask"], "bool")
+        images = inputs.get("images")
+        image_features = None
+        if self.backbone.vision_encoder is not None and images is not None:
+            if images.shape[1] != 0:
+                image_features = self.backbone.vision_encoder(images)
+        prompt_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=1)
+        hidden_states, cache = self._build_cache(
+            token_ids, prompt_lengths, image_features
+        )
+        # Decoding starts after the shortest prompt; longer prompts keep
+        # their tokens (the sampler leaves masked positions as they are).
+        index = ops.min(prompt_lengths)
+
+        def next(prompt, cache, index):
+            batch = ops.shape(prompt)[0]
+            current = ops.slice(prompt, [0, index - 1], [batch, 1])
+            update_mask = ops.logical_not(
+                ops.slice(padding_mask, [0, index - 1], [batch, 1])
+            )
+            logits, hidden_states, cache = self.call_with_cache(
+                current,
+                cache,
+                index - 1,
+                prompt_lengths=prompt_lengths,
+                cache_update_mask=update_mask,
+            )
+            return (
+                ops.squeeze(logits, axis=1),
+                ops.squeeze(hidden_states, axis=1),
+                cache,
+            )
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+
+        if stop_token_ids is not None:
+            # Everything after the first generated stop token is padding.
+            end_locations = ops.cast(
+                any_equal(
+                    token_ids, stop_token_ids, ops.logical_not(padding_mask)
+                ),
+                "int32",
+            )
+            after_end = ops.cumsum(end_locations, axis=-1) - end_locations
+            padding_mask = ops.logical_not(ops.cast(after_end, "bool"))
+        else:
+            padding_mask = ops.ones_like(token_ids, dtype="bool")
+        outputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+        if images is not None:
+            outputs["images"] = images
+        return outputs
+
+    # === Generation entry points ===
+
+    def _normalize_generate_inputs(self, inputs):
+        """Batch a single prompt (and its images) whatever the key order."""
+        if tf is not None and isinstance(inputs, tf.data.Dataset):
+            return inputs.as_numpy_iterator(), False
+        if self.preprocessor is None:
+            return [inputs], False
+
+        def is_scalar(x):
+            if isinstance(x, str):
+                return True
+            return getattr(x, "shape", None) == () or (
+                tf is not None and isinstance(x, tf.Tensor) and x.shape.rank == 0
+            )
+
+        if isinstance(inputs, dict):
+            inputs = dict(inputs)
+            scalar = is_scalar(inputs["prompts"])
+            if scalar:
+                inputs["prompts"] = [inputs["prompts"]]
+                if inputs.get("images") is not None:
+                    inputs["images"] = [_as_image_list(inputs["images"])]
+            return [inputs], scalar
+        if is_scalar(inputs):
+            return [[inputs]], True
+        return [inputs], False
+
+    def generate(
+        self,
+        inputs,
+        max_length=None,
+        stop_token_ids="auto",
+        strip_prompt=False,
+    ):
+        """Generate text for prompts with `<img>` spans.
+
+        Args:
+            inputs: a prompt string, a list of them, or a dict with
+                `prompts` and optional `images` (per prompt, a list of
+                images filling its `<img>` tags in order). Without images,
+                each tag's text is loaded as an image path.
+            max_length: total length (prompt + new tokens) of the padded
+                batch; defaults to the preprocessor's `sequence_length`.
+            stop_token_ids: "auto" (`<|im_end|>`, `<|im_start|>`,
+                `<|endoftext|>`), None, or a tuple of ids.
+            strip_prompt: return only the new text.
+        """
+        if stop_token_ids == "auto":
+            if self.preprocessor is None:
+                raise ValueError(
+                    'stop_token_ids="auto" needs a preprocessor; pass '
+                    "stop_token_ids=None or a tuple of token ids."
+                )
+            stop_token_ids = tuple(self.preprocessor.tokenizer.stop_token_ids)
+        return super().generate(
+            inputs,
+            max_length=max_length,
+            stop_token_ids=stop_token_ids,
+            strip_prompt=strip_prompt,
+        )
+
+
+def _as_image_list(images):
+    """One prompt's images as a list (a single image becomes [image])."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    return [images]

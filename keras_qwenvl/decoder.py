@@ -1,0 +1,408 @@
+"""The Qwen-7B decoder block: RMSNorm, attention (RoPE, dynamic NTK, log-n,
+KV cache) and the gated MLP.
+
+Numerics follow the published `modeling_qwen.py`: RMSNorm normalises in
+float32, rotary angles and their cos/sin are float32, and the two inference
+tricks (dynamic NTK rotary scaling, log-n query scaling) are off in training.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+# Dynamic NTK can raise the rotary base for prompts up to
+# seq_length * 2 ** (_MAX_NTK_DOUBLINGS - 1) tokens; longer prompts keep the
+# largest factor.
+_MAX_NTK_DOUBLINGS = 24
+
+
+@keras.saving.register_keras_serializable(package="keras_qwenvl")
+class QwenVLRMSNorm(keras.layers.Layer):
+    """RMSNorm: `x * rsqrt(mean(x^2) + eps)` in float32, then `* scale`."""
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale", shape=(input_shape[-1],), initializer="ones"
+        )
+        self.built = True
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        var = ops.mean(ops.square(x32), axis=-1, keepdims=True)
+        normed = ops.cast(x32 * ops.rsqrt(var + self.epsilon), x.dtype)
+        return normed * ops.cast(self.scale, x.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"epsilon": self.epsilon})
+        return config
+
+
+def ntk_alpha_index(lengths, seq_length):
+    """Index k of the dynamic-NTK factor alpha = 2**k - 1 for prompt lengths.
+
+    The reference computes `ceil(log2(length / seq_length) + 1)`; counting the
+    doublings of `seq_length` below `length` gives the same integer without
+    floating point at the power-of-two boundaries. Prompts up to `seq_length`
+    get k = 1 (alpha 1: no scaling).
+    """
+    lengths = ops.cast(lengths, "int32")
+    thresholds = seq_length * 2 ** np.arange(_MAX_NTK_DOUBLINGS - 1, dtype="int64")
+    thresholds = np.minimum(thresholds, np.iinfo("int32").max)
+    below = ops.cast(
+        ops.expand_dims(lengths, -1) > ops.convert_to_tensor(thresholds, "int32"),
+        "int32",
+    )
+    return ops.sum(below, axis=-1) + 1
+
+
+def rotary_inverse_frequencies(rotary_dim, base):
+    """(K, rotary_dim // 2) float32 table of inverse frequencies, row k for
+    the NTK factor alpha = 2**k - 1 (row 0 equals row 1: alpha 1)."""
+    exponents = np.arange(0, rotary_dim, 2).astype(np.float32) / np.float32(
+        rotary_dim
+    )
+    rows = []
+    for k in range(_MAX_NTK_DOUBLINGS):
+        alpha = max(2.0**k - 1.0, 1.0)
+        scaled_base = base * alpha ** (rotary_dim / (rotary_dim - 2))
+        rows.append(1.0 / np.power(np.float32(scaled_base), exponents))
+    return np.stack(rows).astype(np.float32)
+
+
+def attention_inputs(x, padding_mask, prompt_lengths, cache, start):
+    """Absolute positions (b, t), prompt lengths (b,) and the (b, t, s)
+    causal mask of a decoder call whose first query sits at `start`."""
+    batch, length = ops.shape(x)[0], ops.shape(x)[1]
+    key_length = length if cache is None else ops.shape(cache[0])[1]
+    positions = ops.broadcast_to(
+        start + ops.arange(length, dtype="int32")[None], (batch, length)
+    )
+    keys = ops.arange(key_length, dtype="int32")[None, None, :]
+    mask = keys <= positions[:, :, None]
+    if padding_mask is not None:
+        mask = mask & ops.cast(padding_mask, "bool")[:, None, :]
+        if prompt_lengths is None:
+            prompt_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=1)
+    if prompt_lengths is None:
+        prompt_lengths = ops.full((batch,), length, dtype="int32")
+    return positions, prompt_lengths, mask
+
+
+@keras.saving.register_keras_serializable(package="keras_qwenvl")
+class QwenVLAttention(keras.layers.Layer):
+    """Causal self-attention of the Qwen decoder with an optional KV cache.
+
+    Projections are separate `query`, `key`, `value` (with bias, the split of
+    the checkpoint's fused `c_attn`) and `attention_output` (no bias) so that
+    LoRA, int8 quantisation and layout maps can find them by name.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        head_dim,
+        rope_max_wavelength=10000,
+        rotary_pct=1.0,
+        seq_length=2048,
+        use_dynamic_ntk=True,
+        use_logn_attn=True,
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rotary_pct = rotary_pct
+        self.seq_length = seq_length
+        self.use_dynamic_ntk = use_dynamic_ntk
+        self.use_logn_attn = use_logn_attn
+        self.dropout = dropout
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        # config: rotary_pct (1.0 in the published model: all of head_dim).
+        self.rotary_dim = int(head_dim * rotary_pct)
+        self._inverse_frequencies = rotary_inverse_frequencies(
+            self.rotary_dim, rope_max_wavelength
+        )
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        common = dict(
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+        )
+        for name in ("query", "key", "value"):
+            layer = keras.layers.EinsumDense(
+                "btd,dnh->btnh",
+                output_shape=(None, self.num_heads, self.head_dim),
+                bias_axes="nh",
+                name=name,
+                **common,
+            )
+            layer.build(input_shape)
+            setattr(self, name, layer)
+        self.attention_output = keras.layers.EinsumDense(
+            "btnh,nhd->btd",
+            output_shape=(None, hidden_dim),
+            name="attention_output",
+            **common,
+        )
+        self.attention_output.build(
+            (None, None, self.num_heads, self.head_dim)
+        )
+        self.dropout_layer = keras.layers.Dropout(
+            self.dropout, dtype=self.dtype_policy
+        )
+        self.built = True
+
+    def _rotate(self, x, positions, ntk_index):
+        """Rotary embedding ("rotate half") at absolute `positions` (b, t)."""
+        inv_freq = ops.take(
+            ops.convert_to_tensor(self._inverse_frequencies), ntk_index, axis=0
+        )  # (b, rotary_dim // 2)
+        angles = ops.cast(positions, "float32")[:, :, None] * inv_freq[:, None]
+        angles = ops.concatenate([angles, angles], axis=-1)[:, :, None, :]
+        cos, sin = ops.cos(angles), ops.sin(angles)
+        x32 = ops.cast(x, "float32")
+        rot, rest = x32[..., : self.rotary_dim], x32[..., self.rotary_dim :]
+        half = self.rotary_dim // 2
+        rotated = ops.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+        out = ops.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+        return ops.cast(out, x.dtype)
+
+    def call(
+        self,
+        x,
+        padding_mask=None,
+        prompt_lengths=None,
+        cache=None,
+        cache_update_index=0,
+        cache_update_mask=None,
+        training=None,
+    ):
+        """Attend `x` (b, t, d) whose first token sits at `cache_update_index`.
+
+        Args:
+            padding_mask: (b, s) keys that are real tokens (all when None).
+            prompt_lengths: (b,) int, the prompt length per sample (by
+                default the padding mask's count); it sets the dynamic-NTK
+                factor at inference (the reference fixes it on the pass that
+                has no cache and reuses it while decoding).
+            cache: optional (key, value), each (b, s, heads, head_dim).
+            cache_update_index: absolute position of `x[:, 0]`, where this
+                call's keys go in the cache.
+            cache_update_mask: optional (b, t) bool; where False the cache
+                keeps its entry (prompt positions that decoding revisits).
+        Returns:
+            output, or (output, new_cache) when a cache is given.
+        """
+        positions, prompt_lengths, attention_mask = attention_inputs(
+            x, padding_mask, prompt_lengths, cache, cache_update_index
+        )
+        if self.use_dynamic_ntk and not training:
+            ntk_index = ntk_alpha_index(prompt_lengths, self.seq_length)
+        else:
+            ntk_index = ops.ones_like(ops.cast(prompt_lengths, "int32"))
+        query = self._rotate(self.query(x), positions, ntk_index)
+        key = self._rotate(self.key(x), positions, ntk_index)
+        value = self.value(x)
+        if cache is not None:
+            start = [0, cache_update_index, 0, 0]
+            if cache_update_mask is not None:
+                update = cache_update_mask[:, :, None, None]
+                old = [
+                    ops.slice(c, start, ops.shape(key)) for c in cache
+                ]
+                key = ops.where(update, key, old[0])
+                value = ops.where(update, value, old[1])
+            key = ops.slice_update(cache[0], start, key)
+            value = ops.slice_update(cache[1], start, value)
+            cache = (key, value)
+        if self.use_logn_attn and not training:
+            # Query at 1-based position p is scaled by log_{seq_length}(p)
+            # when p > seq_length (inference only).
+            p = ops.cast(positions, "float32") + 1.0
+            logn = ops.where(
+                p > self.seq_length,
+                ops.log(p) / math.log(self.seq_length),
+                ops.ones_like(p),
+            )
+            query = query * ops.cast(logn[:, :, None, None], query.dtype)
+        out = self._attend(query, key, value, attention_mask, training)
+        out = self.attention_output(out)
+        if cache is not None:
+            return out, cache
+        return out
+
+    def _attend(self, query, key, value, mask, training):
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = ops.einsum("btnh,bsnh->bnts", query, key)
+        scores = ops.cast(scores, "float32") * scale
+        mask = mask[:, None, :, :]
+        scores = ops.where(mask, scores, ops.full_like(scores, -1e30))
+        probs = ops.softmax(scores, axis=-1)
+        probs = ops.cast(probs, value.dtype)
+        probs = self.dropout_layer(probs, training=training)
+        return ops.einsum("bnts,bsnh->btnh", probs, value)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "head_dim": self.head_dim,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "rotary_pct": self.rotary_pct,
+                "seq_length": self.seq_length,
+                "use_dynamic_ntk": self.use_dynamic_ntk,
+                "use_logn_attn": self.use_logn_attn,
+                "dropout": self.dropout,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="keras_qwenvl")
+class QwenVLDecoderBlock(keras.layers.Layer):
+    """Pre-RMSNorm block: `x + attn(ln_1 x)`, then `+ mlp(ln_2 x)` where the
+    MLP is `out(up(x) * silu(gate(x)))` (up = checkpoint `w1`, gate = `w2`)."""
+
+    def __init__(
+        self,
+        num_heads,
+        head_dim,
+        intermediate_dim,
+        layer_norm_epsilon=1e-6,
+        rope_max_wavelength=10000,
+        rotary_pct=1.0,
+        seq_length=2048,
+        use_dynamic_ntk=True,
+        use_logn_attn=True,
+        dropout=0.0,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.intermediate_dim = intermediate_dim
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.rope_max_wavelength = rope_max_wavelength
+        self.rotary_pct = rotary_pct
+        self.seq_length = seq_length
+        self.use_dynamic_ntk = use_dynamic_ntk
+        self.use_logn_attn = use_logn_attn
+        self.dropout = dropout
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        policy = self.dtype_policy
+        self.pre_attention_norm = QwenVLRMSNorm(
+            self.layer_norm_epsilon, name="pre_attention_norm", dtype=policy
+        )
+        self.pre_attention_norm.build(input_shape)
+        self.attention = QwenVLAttention(
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            rope_max_wavelength=self.rope_max_wavelength,
+            rotary_pct=self.rotary_pct,
+            seq_length=self.seq_length,
+            use_dynamic_ntk=self.use_dynamic_ntk,
+            use_logn_attn=self.use_logn_attn,
+            dropout=self.dropout,
+            kernel_initializer=self.kernel_initializer,
+            name="attention",
+            dtype=policy,
+        )
+        self.attention.build(input_shape)
+        self.pre_mlp_norm = QwenVLRMSNorm(
+            self.layer_norm_epsilon, name="pre_mlp_norm", dtype=policy
+        )
+        self.pre_mlp_norm.build(input_shape)
+        dense = dict(
+            use_bias=False, kernel_initializer=self.kernel_initializer,
+            dtype=policy,
+        )
+        self.feedforward_intermediate_dense = keras.layers.Dense(
+            self.intermediate_dim, name="feedforward_intermediate_dense", **dense
+        )
+        self.feedforward_intermediate_dense.build(input_shape)
+        self.feedforward_gate_dense = keras.layers.Dense(
+            self.intermediate_dim, name="feedforward_gate_dense", **dense
+        )
+        self.feedforward_gate_dense.build(input_shape)
+        self.feedforward_output_dense = keras.layers.Dense(
+            hidden_dim, name="feedforward_output_dense", **dense
+        )
+        self.feedforward_output_dense.build(
+            tuple(input_shape[:-1]) + (self.intermediate_dim,)
+        )
+        self.dropout_layer = keras.layers.Dropout(self.dropout, dtype=policy)
+        self.built = True
+
+    def call(
+        self,
+        x,
+        padding_mask=None,
+        prompt_lengths=None,
+        cache=None,
+        cache_update_index=0,
+        cache_update_mask=None,
+        training=None,
+    ):
+        """See `QwenVLAttention.call` for the arguments."""
+        attended = self.attention(
+            self.pre_attention_norm(x),
+            padding_mask=padding_mask,
+            prompt_lengths=prompt_lengths,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            cache_update_mask=cache_update_mask,
+            training=training,
+        )
+        if cache is not None:
+            attended, cache = attended
+        x = x + self.dropout_layer(attended, training=training)
+        h = self.pre_mlp_norm(x)
+        h = self.feedforward_intermediate_dense(h) * ops.silu(
+            self.feedforward_gate_dense(h)
+        )
+        x = x + self.dropout_layer(
+            self.feedforward_output_dense(h), training=training
+        )
+        if cache is not None:
+            return x, cache
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "head_dim": self.head_dim,
+                "intermediate_dim": self.intermediate_dim,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "rope_max_wavelength": self.rope_max_wavelength,
+                "rotary_pct": self.rotary_pct,
+                "seq_length": self.seq_length,
+                "use_dynamic_ntk": self.use_dynamic_ntk,
+                "use_logn_attn": self.use_logn_attn,
+                "dropout": self.dropout,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config

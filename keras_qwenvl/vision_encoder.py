@@ -1,0 +1,281 @@
+"""The vision encoder: ViT-bigG/14 followed by the position-aware adapter.
+
+pixels (n, S, S, 3) -> patch conv (no bias) -> + learned 16x16 position table
+resized to the patch grid -> ln_pre -> pre-norm blocks -> adapter -> ln_post
+-> @ proj -> (n, num_queries, output_dim).
+"""
+
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_qwenvl.adapter import QwenVLAdapter
+from keras_qwenvl.adapter import QwenVLMultiHeadAttention
+from keras_qwenvl.position_tables import resize_position_table
+
+# The checkpoint's learned ViT position table is always 16 x 16
+# (`visual.positional_embedding` has 256 rows).
+POSITION_TABLE_GRID = 16
+
+
+@keras.saving.register_keras_serializable(package="keras_qwenvl")
+class QwenVLVisionBlock(keras.layers.Layer):
+    """Pre-LayerNorm ViT block: `x + attn(ln_1 x)`, `x + mlp(ln_2 x)`, with
+    an exact (erf) GELU MLP."""
+
+    def __init__(
+        self,
+        num_heads,
+        intermediate_dim,
+        layer_norm_epsilon=1e-6,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        width = input_shape[-1]
+        policy = self.dtype_policy
+        self.ln_1 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, name="ln_1", dtype=policy
+        )
+        self.ln_1.build(input_shape)
+        self.attention = QwenVLMultiHeadAttention(
+            num_heads=self.num_heads,
+            head_dim=width // self.num_heads,
+            kernel_initializer=self.kernel_initializer,
+            name="attention",
+            dtype=policy,
+        )
+        self.attention.build(input_shape)
+        self.ln_2 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, name="ln_2", dtype=policy
+        )
+        self.ln_2.build(input_shape)
+        self.mlp_fc = keras.layers.Dense(
+            self.intermediate_dim,
+            kernel_initializer=self.kernel_initializer,
+            name="mlp_fc",
+            dtype=policy,
+        )
+        self.mlp_fc.build(input_shape)
+        self.mlp_proj = keras.layers.Dense(
+            width,
+            kernel_initializer=self.kernel_initializer,
+            name="mlp_proj",
+            dtype=policy,
+        )
+        self.mlp_proj.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
+        self.built = True
+
+    def call(self, x, attention_mask=None):
+        x = x + self.attention(self.ln_1(x), attention_mask=attention_mask)
+        h = ops.gelu(self.mlp_fc(self.ln_2(x)), approximate=False)
+        return x + self.mlp_proj(h)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_heads": self.num_heads,
+                "intermediate_dim": self.intermediate_dim,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "kernel_initializer": keras.initializers.serialize(
+                    self.kernel_initializer
+                ),
+            }
+        )
+        return config
+
+
+def window_attention_mask(grid, window_size):
+    """(grid*grid, grid*grid) bool mask: patches attend inside their
+    non-overlapping window_size x window_size window only."""
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    windows_per_row = -(-grid // window_size)
+    ids = (rows // window_size) * windows_per_row + cols // window_size
+    ids = ids.reshape(-1)
+    return ids[:, None] == ids[None, :]
+
+
+@keras.saving.register_keras_serializable(package="keras_qwenvl")
+class QwenVLVisionEncoder(keras.layers.Layer):
+    """ViT-bigG/14 plus the position-aware adapter of Qwen-VL.
+
+    Called on preprocessed pixels (n, image_size, image_size, 3) it returns
+    (n, num_queries, output_dim) image features for the decoder.
+
+    Args:
+        image_size: input resolution (config `visual.image_size`: 448;
+            stage-1 pre-training used 224).
+        patch_size: patch side (config `visual.patch_size`: 14).
+        width: ViT width (config `visual.width`: 1664).
+        num_layers: ViT depth (config `visual.layers`: 48).
+        num_heads: ViT heads (config `visual.heads`: 16).
+        intermediate_dim: ViT MLP width, `int(width * visual.mlp_ratio)`
+            (8192 in the published model).
+        output_dim: adapter and output width (config `visual.output_dim`:
+            4096, the decoder's hidden size).
+        num_queries: adapter queries (config `visual.n_queries`: 256).
+        layer_norm_epsilon: all LayerNorms (1e-6).
+        window_size: None for global attention (the published model), or a
+            window side in patches for the paper's window-attention
+            ablation (Table 10); then the layers in
+            `global_attention_layers` stay global.
+        global_attention_layers: indices of layers kept global when
+            `window_size` is set; defaults to the last layer of each quarter.
+    """
+
+    def __init__(
+        self,
+        image_size=448,
+        patch_size=14,
+        width=1664,
+        num_layers=48,
+        num_heads=16,
+        intermediate_dim=8192,
+        output_dim=4096,
+        num_queries=256,
+        layer_norm_epsilon=1e-6,
+        window_size=None,
+        global_attention_layers=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if image_size % patch_size:
+            raise ValueError(
+                f"`image_size` ({image_size}) must be a multiple of "
+                f"`patch_size` ({patch_size})."
+            )
+        if window_size is not None and global_attention_layers is None:
+            global_attention_layers = [
+                (q + 1) * num_layers // 4 - 1 for q in range(4)
+            ]
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.width = width
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.output_dim = output_dim
+        self.num_queries = num_queries
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.window_size = window_size
+        self.global_attention_layers = (
+            None
+            if global_attention_layers is None
+            else [int(i) for i in global_attention_layers]
+        )
+        self.grid_size = image_size // patch_size
+
+        # === Layers ===
+        policy = self.dtype_policy
+        self.patch_embedding = keras.layers.Conv2D(
+            width,
+            kernel_size=patch_size,
+            strides=patch_size,
+            use_bias=False,
+            data_format="channels_last",
+            name="patch_embedding",
+            dtype=policy,
+        )
+        self.ln_pre = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, name="ln_pre", dtype=policy
+        )
+        self.vision_layers = [
+            QwenVLVisionBlock(
+                num_heads=num_heads,
+                intermediate_dim=intermediate_dim,
+                layer_norm_epsilon=layer_norm_epsilon,
+                name=f"vision_layer_{i}",
+                dtype=policy,
+            )
+            for i in range(num_layers)
+        ]
+        self.adapter = QwenVLAdapter(
+            output_dim=output_dim,
+            num_queries=num_queries,
+            layer_norm_epsilon=layer_norm_epsilon,
+            name="adapter",
+            dtype=policy,
+        )
+        self.ln_post = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, name="ln_post", dtype=policy
+        )
+        self.proj = keras.layers.Dense(
+            output_dim, use_bias=False, name="proj", dtype=policy
+        )
+
+    def build(self, input_shape=None):
+        size = self.image_size
+        self.patch_embedding.build((None, size, size, 3))
+        self.position_embedding = self.add_weight(
+            name="position_embedding",
+            shape=(POSITION_TABLE_GRID**2, self.width),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+        tokens = (None, self.grid_size**2, self.width)
+        self.ln_pre.build(tokens)
+        for layer in self.vision_layers:
+            layer.build(tokens)
+        self.adapter.build(tokens)
+        features = (None, self.num_queries, self.output_dim)
+        self.ln_post.build(features)
+        self.proj.build(features)
+        self.built = True
+
+    def call(self, pixels):
+        """(n, S, S, 3) -> (n, num_queries, output_dim); a batch of image
+        slots (b, m, S, S, 3) gives (b, m, num_queries, output_dim)."""
+        if len(pixels.shape) == 5:
+            batch, slots = ops.shape(pixels)[0], ops.shape(pixels)[1]
+            flat = ops.reshape(pixels, (-1,) + tuple(pixels.shape[2:]))
+            features = self.call(flat)
+            return ops.reshape(
+                features,
+                (batch, slots, self.num_queries, self.output_dim),
+            )
+        x = self.patch_embedding(ops.cast(pixels, self.compute_dtype))
+        x = ops.reshape(x, (-1, self.grid_size**2, self.width))
+        positions = resize_position_table(self.position_embedding, self.grid_size)
+        x = self.ln_pre(x + ops.cast(positions, x.dtype)[None])
+        window_mask = None
+        if self.window_size is not None:
+            window_mask = ops.convert_to_tensor(
+                window_attention_mask(self.grid_size, self.window_size)
+            )
+        for i, layer in enumerate(self.vision_layers):
+            windowed = (
+                window_mask is not None
+                and i not in self.global_attention_layers
+            )
+            x = layer(x, attention_mask=window_mask if windowed else None)
+        x = self.adapter(x)
+        return self.proj(self.ln_post(x))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-3]) + (self.num_queries, self.output_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_size": self.image_size,
+                "patch_size": self.patch_size,
+                "width": self.width,
+                "num_layers": self.num_layers,
+                "num_heads": self.num_heads,
+                "intermediate_dim": self.intermediate_dim,
+                "output_dim": self.output_dim,
+                "num_queries": self.num_queries,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+                "window_size": self.window_size,
+                "global_attention_layers": self.global_attention_layers,
+            }
+        )
+        return config
