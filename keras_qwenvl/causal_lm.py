@@ -7,6 +7,10 @@ from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_qwenvl.backbone import QwenVLBackbone
+from keras_qwenvl.causal_lm_preprocessor import QwenVLCausalLMPreprocessor
+from keras_qwenvl.chat_format import DEFAULT_SYSTEM_PROMPT
+from keras_qwenvl.chat_format import build_chat_prompt
+from keras_qwenvl.chat_format import find_image_tags
 from keras_qwenvl.backbone import interleave_image_features
 from keras_qwenvl.presets import QwenVLPresetMixin
 
@@ -35,7 +39,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, CausalLM):
     """
 
     backbone_cls = QwenVLBackbone
-    preprocessor_cls = None  # set in keras_qwenvl/__init__.py
+    preprocessor_cls = QwenVLCausalLMPreprocessor
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         # === Layers ===
@@ -269,6 +273,46 @@ class QwenVLCausalLM(QwenVLPresetMixin, CausalLM):
             stop_token_ids=stop_token_ids,
             strip_prompt=strip_prompt,
         )
+
+    def chat(
+        self,
+        query,
+        history=None,
+        images=None,
+        system_prompt=DEFAULT_SYSTEM_PROMPT,
+        max_length=None,
+    ):
+        """One turn of a Qwen-VL-Chat conversation.
+
+        Args:
+            query: the user's text.
+            history: earlier turns as returned by a previous `chat` call
+                (a list of `(query, response, images)`), or None.
+            images: this turn's images (paths, arrays or PIL images); they
+                are written as `Picture N:` lines before the query, numbered
+                after the pictures of the history.
+            system_prompt: the system turn.
+            max_length: total length of prompt and reply; defaults to the
+                preprocessor's `sequence_length`.
+
+        Returns:
+            `(response, history)`: the reply text and the history with this
+            turn appended.
+        """
+        if self.preprocessor is None:
+            raise ValueError("`chat()` needs a preprocessor.")
+        turn = build_chat_prompt(
+            query, history=history, images=images, system_prompt=system_prompt
+        )
+        inputs = turn.prompt
+        if turn.images:
+            inputs = {"prompts": turn.prompt, "images": turn.images}
+        response = self.generate(inputs, max_length=max_length, strip_prompt=True)
+        response = response.strip()
+        turn_images = len(images or []) + len(find_image_tags(query))
+        this_turn = turn.images[len(turn.images) - turn_images :]
+        history = list(history or []) + [(turn.query, response, this_turn)]
+        return response, history
 
 
 def _as_image_list(images):

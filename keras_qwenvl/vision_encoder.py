@@ -122,6 +122,8 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         output_dim: adapter and output width (config `visual.output_dim`:
             4096, the decoder's hidden size).
         num_queries: adapter queries (config `visual.n_queries`: 256).
+        adapter_head_dim: per-head width of the adapter's cross-attention
+            (128 in the published model: heads = output_dim // 128).
         layer_norm_epsilon: all LayerNorms (1e-6).
         window_size: None for global attention (the published model), or a
             window side in patches for the paper's window-attention
@@ -141,6 +143,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         intermediate_dim=8192,
         output_dim=4096,
         num_queries=256,
+        adapter_head_dim=128,
         layer_norm_epsilon=1e-6,
         window_size=None,
         global_attention_layers=None,
@@ -164,6 +167,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         self.intermediate_dim = intermediate_dim
         self.output_dim = output_dim
         self.num_queries = num_queries
+        self.adapter_head_dim = adapter_head_dim
         self.layer_norm_epsilon = layer_norm_epsilon
         self.window_size = window_size
         self.global_attention_layers = (
@@ -200,6 +204,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         self.adapter = QwenVLAdapter(
             output_dim=output_dim,
             num_queries=num_queries,
+            head_dim=adapter_head_dim,
             layer_norm_epsilon=layer_norm_epsilon,
             name="adapter",
             dtype=policy,
@@ -210,6 +215,9 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         self.proj = keras.layers.Dense(
             output_dim, use_bias=False, name="proj", dtype=policy
         )
+        # The input shape is fixed by the config, so build right away: the
+        # weights exist as soon as the encoder does.
+        self.build()
 
     def build(self, input_shape=None):
         size = self.image_size
@@ -273,6 +281,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 "intermediate_dim": self.intermediate_dim,
                 "output_dim": self.output_dim,
                 "num_queries": self.num_queries,
+                "adapter_head_dim": self.adapter_head_dim,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "window_size": self.window_size,
                 "global_attention_layers": self.global_attention_layers,

@@ -1,0 +1,387 @@
+"""The model's own behaviour on tiny random configs (no shared files needed).
+
+Golden numerics against the original code are in test_golden.py; these tests
+pin the mechanisms: the position tables, image spans, the cache, batching.
+"""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_qwenvl.backbone import QwenVLBackbone
+from keras_qwenvl.backbone import interleave_image_features
+from keras_qwenvl.causal_lm import QwenVLCausalLM
+from keras_qwenvl.decoder import ntk_alpha_index
+from keras_qwenvl.position_tables import bicubic_resize_matrix
+from keras_qwenvl.position_tables import resize_position_table
+from keras_qwenvl.position_tables import sincos_2d_table
+from keras_qwenvl.vision_encoder import QwenVLVisionEncoder
+from keras_qwenvl.vision_encoder import window_attention_mask
+
+IMG = 290  # `<img>` id of the tiny vocabulary
+VOCAB = 300
+QUERIES = 4  # image span length of the tiny config
+
+
+def tiny_encoder(**kwargs):
+    config = dict(
+        image_size=28,
+        patch_size=7,
+        width=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_dim=24,
+        output_dim=32,
+        num_queries=QUERIES,
+        adapter_head_dim=16,
+    )
+    config.update(kwargs)
+    return QwenVLVisionEncoder(**config)
+
+
+def tiny_backbone(vision=True, **kwargs):
+    keras.utils.set_random_seed(0)
+    config = dict(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=32,
+        intermediate_dim=40,
+        seq_length=16,
+        image_start_token_id=IMG,
+        vision_encoder=tiny_encoder() if vision else None,
+    )
+    config.update(kwargs)
+    return QwenVLBackbone(**config)
+
+
+def span():
+    """An `<img>` span of the tiny config: <img> + QUERIES ids + </img>."""
+    return [IMG] + [IMG + 2] * QUERIES + [IMG + 1]
+
+
+def batch(rows, length=None):
+    length = length or max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), "int32")
+    mask = np.zeros((len(rows), length), "int32")
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def to_np(x):
+    return ops.convert_to_numpy(x)
+
+
+# === Position tables ===
+
+
+def test_bicubic_resize_matches_pytorch_interpolate():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((256, 5)).astype("float32")
+    for target in (8, 24, 32):
+        expected = torch.nn.functional.interpolate(
+            torch.from_numpy(table.reshape(1, 16, 16, 5)).permute(0, 3, 1, 2),
+            size=(target, target),
+            mode="bicubic",
+            align_corners=False,
+        )
+        expected = expected.permute(0, 2, 3, 1).reshape(-1, 5).numpy()
+        got = to_np(resize_position_table(ops.convert_to_tensor(table), target))
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_bicubic_matrix_is_identity_at_same_size_and_rows_sum_to_one():
+    np.testing.assert_allclose(bicubic_resize_matrix(16, 16), np.eye(16))
+    for target in (5, 8, 32):
+        np.testing.assert_allclose(
+            bicubic_resize_matrix(16, target).sum(1), 1.0, atol=1e-6
+        )
+
+
+def test_sincos_table_layout():
+    table = sincos_2d_table(8, 3)  # two frequencies per half-axis
+    row, col = 1, 2
+    entry = table[row * 3 + col]
+    omega = 1.0 / 10000 ** np.array([0.0, 0.5])
+    np.testing.assert_allclose(
+        entry,
+        np.concatenate(
+            [
+                np.sin(col * omega), np.cos(col * omega),
+                np.sin(row * omega), np.cos(row * omega),
+            ]
+        ),
+        rtol=1e-6,
+    )
+
+
+def test_ntk_alpha_index_follows_the_reference_formula():
+    import math
+
+    lengths = [1, 16, 17, 32, 33, 64, 65, 300]
+    got = to_np(ntk_alpha_index(ops.convert_to_tensor(lengths), 16))
+    for length, k in zip(lengths, got):
+        context = math.log(length / 16, 2) + 1
+        alpha = max(2 ** math.ceil(context) - 1, 1)
+        assert max(2**k - 1, 1) == alpha, length
+
+
+# === Vision encoder ===
+
+
+def test_vision_encoder_shapes_4d_and_5d():
+    encoder = tiny_encoder()
+    pixels = np.random.default_rng(0).standard_normal((3, 28, 28, 3))
+    out = to_np(encoder(pixels.astype("float32")))
+    assert out.shape == (3, QUERIES, 32)
+    slots = to_np(encoder(pixels.reshape(1, 3, 28, 28, 3).astype("float32")))
+    np.testing.assert_allclose(slots[0], out, atol=1e-5)
+
+
+def test_window_attention_mask_and_encoder():
+    mask = window_attention_mask(4, 2)
+    assert mask.shape == (16, 16)
+    assert mask[0, 1] and mask[0, 4] and mask[0, 5]  # same 2x2 window
+    assert not mask[0, 2] and not mask[0, 8]
+    pixels = np.random.default_rng(1).standard_normal((2, 28, 28, 3))
+    pixels = pixels.astype("float32")
+    keras.utils.set_random_seed(3)
+    global_encoder = tiny_encoder()
+    global_out = to_np(global_encoder(pixels))
+    for window, expect_equal in ((4, True), (2, False)):
+        windowed = tiny_encoder(window_size=window, global_attention_layers=[])
+        windowed.set_weights(global_encoder.get_weights())
+        out = to_np(windowed(pixels))
+        assert np.allclose(out, global_out, atol=1e-5) == expect_equal
+
+
+def test_query_count_must_be_square():
+    with pytest.raises(ValueError, match="square"):
+        tiny_encoder(num_queries=10)
+
+
+# === Image spans ===
+
+
+def test_interleave_puts_kth_image_in_kth_span():
+    features = np.arange(2 * 2 * QUERIES * 3, dtype="float32").reshape(
+        2, 2, QUERIES, 3
+    ) + 100
+    rows = [
+        [5] + span() + [6] + span() + [7],  # two spans, two images
+        span() + [8, 9] + span(),  # second span has no image slot used below
+    ]
+    ids, _ = batch(rows)
+    embeddings = np.zeros(ids.shape + (3,), "float32")
+    # Sample 1 gets only one image slot worth of features.
+    out = to_np(
+        interleave_image_features(
+            ops.convert_to_tensor(embeddings),
+            ops.convert_to_tensor(ids),
+            ops.convert_to_tensor(features),
+            IMG,
+        )
+    )
+    # Sample 0: positions 2..5 take image 0, positions 9..12 image 1.
+    np.testing.assert_array_equal(out[0, 2 : 2 + QUERIES], features[0, 0])
+    second = 1 + len(span()) + 1 + 1
+    np.testing.assert_array_equal(
+        out[0, second : second + QUERIES], features[0, 1]
+    )
+    # `<img>`, `</img>` and text positions keep their embeddings.
+    kept = np.ones(ids.shape[1], bool)
+    kept[2 : 2 + QUERIES] = False
+    kept[second : second + QUERIES] = False
+    assert not out[0, kept].any()
+    # Sample 1: both spans filled from its own two slots.
+    np.testing.assert_array_equal(out[1, 1 : 1 + QUERIES], features[1, 0])
+    start = len(span()) + 2 + 1
+    np.testing.assert_array_equal(out[1, start : start + QUERIES], features[1, 1])
+
+
+def test_interleave_ignores_spans_without_slots():
+    ids, _ = batch([span()])
+    embeddings = np.ones(ids.shape + (3,), "float32")
+    out = to_np(
+        interleave_image_features(
+            ops.convert_to_tensor(embeddings),
+            ops.convert_to_tensor(ids),
+            ops.zeros((1, 0, QUERIES, 3)),
+            IMG,
+        )
+    )
+    np.testing.assert_array_equal(out, embeddings)
+
+
+def test_backbone_images_slots_text_only_and_omitted():
+    backbone = tiny_backbone()
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, 2, 28, 28, 3)).astype("float32")
+    ids, mask = batch([[3, 4] + span() + [5], [3, 4, 5, 6]], length=10)
+    out = to_np(backbone({"token_ids": ids, "padding_mask": mask, "images": images}))
+    assert out.shape == (2, 10, 32)
+    # Unused image slots are ignored: only sample 0's first slot is used.
+    changed = images.copy()
+    changed[0, 1] = 0
+    changed[1] = rng.standard_normal((2, 28, 28, 3))
+    again = to_np(
+        backbone({"token_ids": ids, "padding_mask": mask, "images": changed})
+    )
+    np.testing.assert_allclose(again, out, atol=1e-5)
+    # The used slot matters.
+    changed[0, 0] += 1.0
+    moved = to_np(
+        backbone({"token_ids": ids, "padding_mask": mask, "images": changed})
+    )
+    assert not np.allclose(moved[0, 2:], out[0, 2:], atol=1e-4)
+    # Text-only: `images` may be omitted, or have zero slots.
+    text_ids, text_mask = batch([[3, 4, 5], [6, 7]])
+    omitted = to_np(backbone({"token_ids": text_ids, "padding_mask": text_mask}))
+    empty = to_np(
+        backbone(
+            {
+                "token_ids": text_ids,
+                "padding_mask": text_mask,
+                "images": np.zeros((2, 0, 28, 28, 3), "float32"),
+            }
+        )
+    )
+    np.testing.assert_allclose(omitted, empty, atol=1e-6)
+
+
+def test_backbone_config_round_trip_and_unknown_arguments():
+    backbone = tiny_backbone()
+    config = backbone.get_config()
+    restored = QwenVLBackbone.from_config(config)
+    assert restored.get_config() == config
+    assert restored.count_params() == backbone.count_params()
+    text_only = tiny_backbone(vision=False)
+    assert "images" not in text_only.input
+    with pytest.raises(TypeError, match="unexpected arguments.*bogus"):
+        tiny_backbone(bogus=1)
+    with pytest.raises(ValueError, match="output_dim"):
+        tiny_backbone(hidden_dim=48, num_heads=2)
+
+
+def test_padding_does_not_change_real_positions():
+    backbone = tiny_backbone()
+    ids, mask = batch([[3, 4] + span() + [5, 6]])
+    images = np.random.default_rng(0).standard_normal((1, 1, 28, 28, 3))
+    images = images.astype("float32")
+    short = to_np(backbone({"token_ids": ids, "padding_mask": mask, "images": images}))
+    ids_long, mask_long = batch([[3, 4] + span() + [5, 6]], length=ids.shape[1] + 5)
+    long = to_np(
+        backbone({"token_ids": ids_long, "padding_mask": mask_long, "images": images})
+    )
+    np.testing.assert_allclose(long[:, : ids.shape[1]], short, atol=1e-5)
+
+
+def test_ntk_and_logn_only_at_inference_and_beyond_seq_length():
+    backbone = tiny_backbone(seq_length=8)
+    rng = np.random.default_rng(0)
+
+    def run(model, length, **kwargs):
+        ids = rng.integers(0, 200, (1, length)).astype("int32")
+        x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+        return to_np(model(x, **kwargs)), x
+
+    # Within seq_length inference equals training.
+    short, x = run(backbone, 8)
+    np.testing.assert_allclose(
+        short, to_np(backbone(x, training=True)), atol=1e-5
+    )
+    # Beyond it, dynamic NTK rescales every position's rotary base.
+    long, x = run(backbone, 20)
+    training = to_np(backbone(x, training=True))
+    assert not np.allclose(long[:, 1:8], training[:, 1:8], atol=1e-4)
+    # Log-n alone changes only the queries past seq_length.
+    logn_only = tiny_backbone(seq_length=8, use_dynamic_ntk=False)
+    logn_only.set_weights(backbone.get_weights())
+    got = to_np(logn_only(x))
+    np.testing.assert_allclose(got[:, :8], training[:, :8], atol=1e-5)
+    assert not np.allclose(got[:, 8:], training[:, 8:], atol=1e-4)
+    np.testing.assert_allclose(
+        to_np(logn_only(x, training=True)), training, atol=1e-5
+    )
+
+
+# === Causal LM: cache and generation ===
+
+
+def test_cached_steps_equal_full_forward():
+    backbone = tiny_backbone(seq_length=8)
+    lm = QwenVLCausalLM(backbone)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((1, 1, 28, 28, 3)).astype("float32")
+    ids = np.array([[3] + span() + list(rng.integers(0, 200, 8))], "int32")
+    full = to_np(
+        lm({"token_ids": ids, "padding_mask": np.ones_like(ids), "images": images})
+    )
+    prompt = 9
+    lengths = ops.convert_to_tensor([ids.shape[1]], "int32")
+    _, cache = lm._build_cache(
+        ops.convert_to_tensor(ids[:, :prompt]), lengths, lm.backbone.vision_encoder(images)
+    )
+    # Grow the cache to the full length and decode the rest one by one.
+    pad = ids.shape[1] - prompt
+    cache = tuple(
+        tuple(ops.pad(c, [[0, 0], [0, pad], [0, 0], [0, 0]]) for c in layer)
+        for layer in cache
+    )
+    for i in range(prompt, ids.shape[1]):
+        logits, _, cache = lm.call_with_cache(
+            ops.convert_to_tensor(ids[:, i : i + 1]), cache, i, lengths
+        )
+        np.testing.assert_allclose(to_np(logits)[0, 0], full[0, i], atol=1e-4)
+
+
+def test_batched_generation_equals_one_by_one():
+    backbone = tiny_backbone(seq_length=8)
+    lm = QwenVLCausalLM(backbone)
+    lm.compile(sampler="greedy")
+    rng = np.random.default_rng(2)
+    prompts = [
+        [3] + span() + [7, 8],
+        [9, 10, 11],
+        span() + [12] + span() + [13, 14, 15],
+    ]
+    images = rng.standard_normal((3, 2, 28, 28, 3)).astype("float32")
+    length = 24
+    ids, mask = batch(prompts, length)
+    batched = lm.generate(
+        {"token_ids": ids, "padding_mask": mask, "images": images},
+        stop_token_ids=None,
+    )
+    for i, prompt in enumerate(prompts):
+        one_ids, one_mask = batch([prompt], length)
+        count = prompt.count(IMG)
+        alone = lm.generate(
+            {
+                "token_ids": one_ids,
+                "padding_mask": one_mask,
+                "images": images[i : i + 1, :count],
+            },
+            stop_token_ids=None,
+        )
+        np.testing.assert_array_equal(
+            np.asarray(batched["token_ids"])[i], np.asarray(alone["token_ids"])[0]
+        )
+
+
+def test_generation_stops_and_masks_after_stop_token():
+    backbone = tiny_backbone(vision=False)
+    lm = QwenVLCausalLM(backbone)
+    lm.compile(sampler="greedy")
+    ids, mask = batch([[3, 4, 5]], 12)
+    free = lm.generate({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+    first_new = int(np.asarray(free["token_ids"])[0, 3])
+    stopped = lm.generate(
+        {"token_ids": ids, "padding_mask": mask}, stop_token_ids=(first_new,)
+    )
+    out_mask = np.asarray(stopped["padding_mask"])[0]
+    # The stop token itself is kept, everything after it is masked.
+    np.testing.assert_array_equal(out_mask, [1, 1, 1, 1] + [0] * 8)
