@@ -4,6 +4,8 @@ Importing the package registers every class with Keras serialization, so
 presets saved by this package load through `keras_hub.models.*.from_preset`.
 """
 
+from keras_hub.src.utils.preset_utils import register_presets
+
 from keras_qwenvl.adapter import QwenVLAdapter
 from keras_qwenvl.backbone import QwenVLBackbone
 from keras_qwenvl.boxes import denormalize_box
@@ -17,10 +19,14 @@ from keras_qwenvl.causal_lm_preprocessor import QwenVLCausalLMPreprocessor
 from keras_qwenvl.chat_format import build_chat_prompt
 from keras_qwenvl.decoder import QwenVLDecoderBlock
 from keras_qwenvl.image_converter import QwenVLImageConverter
+from keras_qwenvl.presets import backbone_presets
 from keras_qwenvl.tokenizer import QwenVLTokenizer
 from keras_qwenvl.vision_encoder import QwenVLVisionEncoder
 
 __version__ = "0.1.0"
+
+# `qwen_vl_7b` and `qwen_vl_chat_7b` for every class with a backbone_cls.
+register_presets(backbone_presets, QwenVLBackbone)
 
 __all__ = [
     "QwenVLAdapter",

@@ -42,8 +42,6 @@ VOCABULARY_FILE = "qwen.tiktoken"
 VISION_LAYER_NORM_EPSILON = 1e-6
 DEFAULT_NUM_QUERIES = 256
 VISION_POSITION_ROWS = 256
-# Adapter attention heads are output_dim // 128 (`attn_pool`).
-ADAPTER_HEAD_DIM = 128
 
 # safetensors dtype names -> numpy dtypes (bfloat16 through ml_dtypes).
 _SAFETENSOR_DTYPES = {
@@ -54,26 +52,19 @@ _SAFETENSOR_DTYPES = {
 }
 
 
-def is_qwen_vl_config(transformers_config):
-    """True for a Qwen-VL `config.json`: model type "qwen" with `visual`."""
-    return (
-        transformers_config.get("model_type") == "qwen"
-        and "visual" in transformers_config
-    )
-
-
 def _check_config(transformers_config):
-    if not is_qwen_vl_config(transformers_config):
-        model_type = transformers_config.get("model_type")
-        if model_type == "qwen":
-            raise ValueError(
-                "This config.json is a text-only Qwen checkpoint (no "
-                "`visual` section); keras_qwenvl converts Qwen-VL checkpoints "
-                "(Qwen/Qwen-VL, Qwen/Qwen-VL-Chat)."
-            )
+    """Raise for a config.json that is not a supported Qwen-VL one."""
+    model_type = transformers_config.get("model_type")
+    if model_type != "qwen":
         raise ValueError(
             "Expected a Qwen-VL config.json with `\"model_type\": \"qwen\"` "
             f"and a `visual` section. Received model_type={model_type!r}."
+        )
+    if "visual" not in transformers_config:
+        raise ValueError(
+            "This config.json is a text-only Qwen checkpoint (no `visual` "
+            "section); keras_qwenvl converts Qwen-VL checkpoints "
+            "(Qwen/Qwen-VL, Qwen/Qwen-VL-Chat)."
         )
     if transformers_config.get("tie_word_embeddings", False):
         raise ValueError(
@@ -419,7 +410,7 @@ class QwenVLSafetensorLoader(SafetensorLoader):
                 f"{SAFETENSOR_CONFIG_FILE} with its shards, or "
                 f"{SAFETENSOR_FILE}."
             )
-        self._entries = {}  # tensor name -> (path, data start, header entry)
+        self._entries = {}  # tensor name -> (file path, header entry)
         for fname in files:
             path = get_file(preset, fname)
             for name, entry in _read_header(path).items():
@@ -494,8 +485,11 @@ class QwenVLSafetensorLoader(SafetensorLoader):
     def port_weight(self, keras_variable, hf_weight_key, hook_fn=None):
         tensor = self.get_tensor(hf_weight_key)
         shape = tuple(keras_variable.shape)
-        value = hook_fn(tensor, list(shape)) if hook_fn else tensor
-        if tuple(value.shape) != shape:
+        try:
+            value = hook_fn(tensor, list(shape)) if hook_fn else tensor
+        except ValueError:  # a reshape to a shape of another size
+            value = None
+        if value is None or tuple(value.shape) != shape:
             raise ValueError(
                 f"Tensor '{hf_weight_key}' {tuple(tensor.shape)} does not fit "
                 f"Keras variable '{keras_variable.path}' {shape}: the model "
@@ -583,9 +577,17 @@ class QwenVLPresetLoader(PresetLoader):
     def check_backbone_class(self):
         return backbone_cls
 
+    def check_checkpoint(self):
+        """Check the folder's tensor names and shapes against config.json
+        (file headers only), so that a bad checkpoint fails before a model
+        is allocated."""
+        self._require_files()
+        with QwenVLSafetensorLoader(self.preset) as loader:
+            loader.check_layout(checkpoint_layout(self.config))
+
     def load_backbone(self, cls, load_weights, **kwargs):
         if load_weights:
-            self._require_files()  # before allocating the model
+            self.check_checkpoint()
         backbone_kwargs, kwargs = self.get_backbone_kwargs(**kwargs)
         config = convert_backbone_config(self.config, **backbone_kwargs)
         backbone = cls(**{**config, **kwargs})

@@ -132,9 +132,22 @@ def test_convert_backbone_config_reads_every_field(hf_config):
     ) == (112, 14, 64, 2, 4, 315, 128, 256, 1e-6)
 
 
-def test_published_config_gives_the_published_architecture():
+def test_published_config_gives_the_published_architecture(monkeypatch):
+    # Record the vision encoder's arguments instead of allocating it.
+    monkeypatch.setattr(convert, "QwenVLVisionEncoder", lambda **kw: kw)
     config = convert.convert_backbone_config(presets.PUBLISHED_CONFIG)
-    encoder = config.pop("vision_encoder")
+    assert config["vision_encoder"] == {
+        "image_size": 448,
+        "patch_size": 14,
+        "width": 1664,
+        "num_layers": 48,
+        "num_heads": 16,
+        "intermediate_dim": 8192,  # int(1664 * 4.9231)
+        "output_dim": 4096,
+        "num_queries": 256,
+        "layer_norm_epsilon": 1e-6,
+        "dtype": None,
+    }
     assert config["vocabulary_size"] == 151936
     assert (config["num_layers"], config["num_heads"], config["head_dim"]) == (
         32,
@@ -143,14 +156,8 @@ def test_published_config_gives_the_published_architecture():
     )
     assert (config["hidden_dim"], config["intermediate_dim"]) == (4096, 11008)
     assert config["seq_length"] == 2048
+    assert config["rope_max_wavelength"] == 10000
     assert config["use_dynamic_ntk"] and config["use_logn_attn"]
-    assert (encoder.width, encoder.num_layers, encoder.num_heads) == (
-        1664,
-        48,
-        16,
-    )
-    assert encoder.intermediate_dim == 8192
-    assert (encoder.image_size, encoder.output_dim) == (448, 4096)
     layout = convert.checkpoint_layout(presets.PUBLISHED_CONFIG)
     total = sum(int(np.prod(shape)) for shape in layout.values())
     assert total == PUBLISHED_PARAMETERS
@@ -410,12 +417,17 @@ def test_checkpoint_errors(
     )
 
 
-def test_all_problems_are_listed_together(hf_copy, hf_tensors):
+def test_all_problems_are_listed_together(hf_copy, hf_tensors, monkeypatch):
     tensors = dict(hf_tensors)
     del tensors["lm_head.weight"]
     del tensors["transformer.ln_f.weight"]
     tensors["extra.weight"] = np.ones(3, "float32")
     folder = hf_copy(tensors)
+
+    def build(*args, **kwargs):
+        raise AssertionError("the model was built before the check")
+
+    monkeypatch.setattr(convert, "convert_backbone_config", build)
     with pytest.raises(ValueError) as info:
         QwenVLBackbone.from_preset(folder)
     text = str(info.value)
@@ -434,6 +446,17 @@ def test_model_not_built_from_the_config_is_an_error(
     with convert.QwenVLSafetensorLoader(golden_hf_dir) as loader:
         with pytest.raises(ValueError, match="never used: .*transformer.h.1"):
             convert.convert_weights(smaller, loader, hf_config)
+    # Narrower MLP matrices than the checkpoint's.
+    config = {**hf_config, "num_hidden_layers": 1, "intermediate_size": 256}
+    narrower = QwenVLBackbone(**convert.convert_backbone_config(config))
+    with convert.QwenVLSafetensorLoader(golden_hf_dir) as loader:
+        with pytest.raises(
+            ValueError,
+            match=r"'transformer.h.0.mlp.w1.weight' \(256, 128\) does not "
+            r"fit Keras variable '.*feedforward_intermediate_dense/kernel' "
+            r"\(128, 128\)",
+        ):
+            convert.convert_weights(narrower, loader, hf_config)
 
 
 def test_folder_without_weights(golden_hf_dir, tmp_path):
@@ -458,7 +481,10 @@ def tiny_registered(monkeypatch, hf_config):
 
 
 def test_registered_presets_are_listed():
-    assert {"qwen_vl_7b", "qwen_vl_chat_7b"} <= set(QwenVLBackbone.presets)
+    # keras_qwenvl/__init__.py registers them, as keras-hub's model packages
+    # do: register_presets(backbone_presets, QwenVLBackbone).
+    for cls in (QwenVLBackbone, QwenVLCausalLM, QwenVLTokenizer):
+        assert {"qwen_vl_7b", "qwen_vl_chat_7b"} <= set(cls.presets)
 
 
 def test_registered_preset_without_folder(tiny_registered, hf_config):
@@ -515,24 +541,18 @@ def test_published_model_has_the_published_parameter_count():
 
 # === The conversion tool ===
 
+TOOL = os.path.join(REPO, "tools", "convert_qwen_vl_checkpoint.py")
+
 
 def test_conversion_tool_writes_a_keras_preset(
     golden_hf_dir, hf_config, causal_lm, tmp_path, monkeypatch
 ):
     out = tmp_path / "preset"
-    env = dict(os.environ, PYTHONPATH=REPO)
+    command = [sys.executable, TOOL, "--hf-dir", golden_hf_dir]
+    command += ["--preset-dir", str(out), "--dtype", "float32"]
     result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "convert_qwen_vl_checkpoint.py"),
-            "--hf-dir",
-            golden_hf_dir,
-            "--preset-dir",
-            str(out),
-            "--dtype",
-            "float32",
-        ],
-        env=env,
+        command,
+        env=dict(os.environ, PYTHONPATH=REPO),
         capture_output=True,
         text=True,
     )
@@ -541,6 +561,7 @@ def test_conversion_tool_writes_a_keras_preset(
     total = sum(int(np.prod(shape)) for shape in layout.values())
     assert f"{total:,} parameters" in result.stdout
     assert "peak RSS" in result.stdout
+    assert f"{len(layout)}/{len(layout)}" in result.stderr  # progress bar
 
     loaded = keras_hub.models.CausalLM.from_preset(str(out))
     assert isinstance(loaded, QwenVLCausalLM)
@@ -559,18 +580,18 @@ def test_conversion_tool_writes_a_keras_preset(
         numpy(causal_lm.backbone.token_embedding.embeddings),
     )
 
-    again = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "convert_qwen_vl_checkpoint.py"),
-            "--hf-dir",
-            golden_hf_dir,
-            "--preset-dir",
-            str(out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert again.returncode != 0
-    assert "is not empty" in again.stderr
+
+def test_conversion_tool_errors(hf_copy, hf_tensors, tmp_path):
+    spec = importlib.util.spec_from_file_location("convert_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tensors = dict(hf_tensors)
+    del tensors["transformer.visual.ln_post.bias"]
+    folder = hf_copy(tensors)
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit, match=r"missing tensors \(1\)"):
+        tool.main(["--hf-dir", folder, "--preset-dir", out])
+    with pytest.raises(SystemExit, match="is not a folder"):
+        tool.main(["--hf-dir", folder + "-absent", "--preset-dir", out])
+    with pytest.raises(SystemExit, match="is not empty"):
+        tool.main(["--hf-dir", folder, "--preset-dir", folder])

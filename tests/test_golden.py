@@ -199,3 +199,29 @@ def test_save_to_preset_round_trip(causal_lm, golden, cases, tmp_path):
         _, _, again = forward(restored, golden, index, case)
         np.testing.assert_array_equal(again, logits)
     keras.backend.clear_session()
+
+
+def test_chat_two_images(causal_lm, golden, cases):
+    """`chat()` builds the golden chat prompt (ChatML, numbered pictures) and
+    answers with the original's greedy reply; the history carries the turn."""
+    _, case = cases[1]
+    query = case["text"].split("Picture 2: <img>rocket.jpg</img>\n")[1]
+    query = query.split("<|im_end|>")[0]
+    preprocessor = causal_lm.preprocessor
+    preprocessor.image_dir = golden["images_dir"]
+    causal_lm.compile(sampler="greedy")
+    try:
+        response, history = causal_lm.chat(
+            query,
+            images=case["images"],
+            max_length=len(case["input_ids"]) + len(case["greedy_new_ids"]),
+        )
+    finally:
+        preprocessor.image_dir = None
+    expected = preprocessor.tokenizer.detokenize(case["greedy_new_ids"])
+    assert response == expected.strip()
+    assert len(history) == 1
+    past_query, past_response, past_images = history[0]
+    assert past_query.startswith("Picture 1: <img>coffee.png</img>\n")
+    assert past_response == response
+    assert past_images == case["images"]

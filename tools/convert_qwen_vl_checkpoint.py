@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
 """Convert a Hugging Face Qwen-VL checkpoint folder to a Keras preset.
 
-    python tools/convert_qwen_vl_checkpoint.py --hf-dir /data/Qwen-VL-Chat \
-        --preset-dir ./qwen_vl_chat_7b [--dtype bfloat16]
+Usage:
+
+    python tools/convert_qwen_vl_checkpoint.py --hf-dir /data/Qwen-VL-Chat
+        --preset-dir ./qwen_vl_chat_7b [--dtype bfloat16|float32]
 
 The folder is a download of Qwen/Qwen-VL or Qwen/Qwen-VL-Chat (config.json,
-safetensors, qwen.tiktoken). The model is built from config.json, then the
-checkpoint is ported one tensor at a time from the safetensors files, so the
-peak memory is about the size of the converted model plus one tensor. Every
-tensor name and shape is checked first. The output is a Keras preset of
-`QwenVLCausalLM` with its preprocessor (tokenizer, image converter), which
+safetensors, qwen.tiktoken). Every tensor name and shape is checked first.
+The model is built from config.json, then the checkpoint is ported one tensor
+at a time from the safetensors files (plain reads, no memory map), so the
+peak memory is about the size of the converted model plus what building it
+with random initial values takes transiently. The output is a Keras preset
+of `QwenVLCausalLM` with its preprocessor (tokenizer, image converter); it
 loads with `keras_hub.models.CausalLM.from_preset(DIR)` after
 `import keras_qwenvl`. Needs keras_qwenvl installed (`pip install -e .`).
 """
@@ -51,16 +54,20 @@ def main(argv=None):
     if os.path.isdir(args.preset_dir) and os.listdir(args.preset_dir):
         sys.exit(f"error: --preset-dir {args.preset_dir} is not empty.")
 
-    loader = QwenVLPresetLoader(
-        args.hf_dir, load_json(args.hf_dir, CONFIG_FILE)
-    )
-    causal_lm = loader.load_task(
-        QwenVLCausalLM,
-        load_weights=False,
-        load_task_weights=False,
-        dtype=args.dtype,
-    )
-    loader.load_weights(causal_lm.backbone, progress=True)
+    try:
+        loader = QwenVLPresetLoader(
+            args.hf_dir, load_json(args.hf_dir, CONFIG_FILE)
+        )
+        loader.check_checkpoint()
+        causal_lm = loader.load_task(
+            QwenVLCausalLM,
+            load_weights=False,
+            load_task_weights=False,
+            dtype=args.dtype,
+        )
+        loader.load_weights(causal_lm.backbone, progress=True)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
     causal_lm.save_to_preset(args.preset_dir)
 
     weight_bytes = sum(
