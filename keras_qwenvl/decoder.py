@@ -77,19 +77,34 @@ def rotary_inverse_frequencies(rotary_dim, base):
 
 
 def attention_inputs(x, padding_mask, prompt_lengths, cache, start):
-    """Absolute positions (b, t), prompt lengths (b,) and the (b, t, s)
-    causal mask of a decoder call whose first query sits at `start`."""
+    """Rotary positions (b, t), prompt lengths (b,) and the (b, t, s) mask
+    of a decoder call whose first query sits at index `start`.
+
+    `padding_mask` may hold segment ids (0 = padding, 1..k = the k-th
+    sample packed into the row): then a query attends only to earlier keys
+    of its own segment and rotary positions restart at 0 in each segment,
+    so a packed row computes what its samples compute alone. A 0/1 mask is
+    the one-segment case.
+    """
     batch, length = ops.shape(x)[0], ops.shape(x)[1]
     key_length = length if cache is None else ops.shape(cache[0])[1]
-    positions = ops.broadcast_to(
+    index = ops.broadcast_to(
         start + ops.arange(length, dtype="int32")[None], (batch, length)
     )
     keys = ops.arange(key_length, dtype="int32")[None, None, :]
-    mask = keys <= positions[:, :, None]
+    mask = keys <= index[:, :, None]
+    positions = index
     if padding_mask is not None:
-        mask = mask & ops.cast(padding_mask, "bool")[:, None, :]
+        segments = ops.cast(padding_mask, "int32")
+        key_segments = segments[:, None, :]
+        mask = mask & (key_segments != 0)
+        if cache is None:
+            mask = mask & (segments[:, :, None] == key_segments)
+            # Keys of the own segment up to the query, less one: the
+            # position within the segment (the index for a single segment).
+            positions = ops.sum(ops.cast(mask, "int32"), axis=-1) - 1
         if prompt_lengths is None:
-            prompt_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=1)
+            prompt_lengths = ops.sum(ops.cast(segments != 0, "int32"), axis=1)
     if prompt_lengths is None:
         prompt_lengths = ops.full((batch,), length, dtype="int32")
     return positions, prompt_lengths, mask
@@ -191,7 +206,8 @@ class QwenVLAttention(keras.layers.Layer):
         """Attend `x` (b, t, d) whose first token sits at `cache_update_index`.
 
         Args:
-            padding_mask: (b, s) keys that are real tokens (all when None).
+            padding_mask: (b, s) keys that are real tokens (all when None),
+                or segment ids of packed samples (see `attention_inputs`).
             prompt_lengths: (b,) int, the prompt length per sample (by
                 default the padding mask's count); it sets the dynamic-NTK
                 factor at inference (the reference fixes it on the pass that

@@ -385,3 +385,47 @@ def test_generation_stops_and_masks_after_stop_token():
     out_mask = np.asarray(stopped["padding_mask"])[0]
     # The stop token itself is kept, everything after it is masked.
     np.testing.assert_array_equal(out_mask, [1, 1, 1, 1] + [0] * 8)
+
+
+def test_packed_segments_equal_samples_alone():
+    """padding_mask holding segment ids packs samples into one row with no
+    attention across them and positions restarting per sample."""
+    backbone = tiny_backbone()
+    rng = np.random.default_rng(4)
+    first = [3, 4] + span() + [5, 6]
+    second = [7] + span() + [8] + span() + [9]
+    third = [10, 11, 12]
+    images = rng.standard_normal((3, 28, 28, 3)).astype("float32")
+    pad = 3
+    ids = np.array([first + second + third + [0] * pad], "int32")
+    segments = np.array(
+        [[1] * len(first) + [2] * len(second) + [3] * len(third) + [0] * pad],
+        "int32",
+    )
+    packed = to_np(
+        backbone(
+            {"token_ids": ids, "padding_mask": segments, "images": images[None]},
+            training=True,
+        )
+    )[0]
+    start = 0
+    for sample, sample_images in (
+        (first, images[:1]),
+        (second, images[1:3]),
+        (third, images[:0]),
+    ):
+        alone_ids, alone_mask = batch([sample])
+        alone = to_np(
+            backbone(
+                {
+                    "token_ids": alone_ids,
+                    "padding_mask": alone_mask,
+                    "images": sample_images[None],
+                },
+                training=True,
+            )
+        )[0]
+        np.testing.assert_allclose(
+            packed[start : start + len(sample)], alone, atol=1e-5
+        )
+        start += len(sample)
