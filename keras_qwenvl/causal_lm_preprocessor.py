@@ -263,26 +263,7 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
                 f"sample {index}: the text has {len(tags)} `<img>` tags but "
                 "this preprocessor has no image converter (text-only model)."
             )
-        if images is None:
-            empty = [number for number, tag in enumerate(tags) if not tag]
-            if empty:
-                raise ValueError(
-                    f"sample {index}: `<img>` tag {empty[0]} is empty and no "
-                    "image was passed for it; pass the sample's images or "
-                    "write a path inside the tag."
-                )
-            images = tags
-        elif len(images) > len(tags):
-            raise ValueError(
-                f"sample {index}: {len(images)} images were passed but the "
-                f"text has only {len(tags)} `<img>` tags; each image needs "
-                "a tag."
-            )
-        elif len(images) < len(tags):
-            raise ValueError(
-                f"sample {index}: `<img>` tag {len(images)} has no image "
-                f"({len(images)} images passed for {len(tags)} tags)."
-            )
+        images = chat_format.images_for_tags(tags, images, f"sample {index}")
         if self.image_converter is None:
             return None
         size = tuple(self.image_converter.image_size)

@@ -102,24 +102,40 @@ def _chatml_turn(role, content):
     return f"{IM_START}{role}\n{content}{IM_END}"
 
 
-def _turn_images(query, images, where):
-    """One image per `<img>` tag of `query`: `images`, or the tag paths."""
-    tags = find_image_tags(query)
+def images_for_tags(tags, images, where):
+    """One image per `<img>` tag: `images` in order, or, when None, the
+    tags' own text (paths).
+
+    Raises:
+        ValueError: naming `where` (e.g. "sample 3") when a tag is empty
+            and no images were passed, or when the counts differ.
+    """
     if images is None:
         empty = [i for i, tag in enumerate(tags) if not tag]
         if empty:
             raise ValueError(
                 f"{where}: `<img>` tag {empty[0]} is empty and no image was "
-                "passed for it."
+                "passed for it; pass the images or write a path inside the "
+                "tag."
             )
-        return tags
+        return list(tags)
     images = list(images)
-    if len(images) != len(tags):
+    if len(images) > len(tags):
         raise ValueError(
-            f"{where}: {len(images)} images were passed for {len(tags)} "
-            "`<img>` tags; pass one image per tag, in order."
+            f"{where}: {len(images)} images were passed but the text has "
+            f"only {len(tags)} `<img>` tags; each image needs a tag."
+        )
+    if len(images) < len(tags):
+        raise ValueError(
+            f"{where}: `<img>` tag {len(images)} has no image "
+            f"({len(images)} images passed for {len(tags)} tags)."
         )
     return images
+
+
+def _turn_images(query, images, where):
+    """One image per `<img>` tag of `query`: `images`, or the tag paths."""
+    return images_for_tags(find_image_tags(query), images, where)
 
 
 def build_chat_prompt(
