@@ -21,6 +21,7 @@ from keras_qwenvl.decoder import QwenVLDecoderBlock
 from keras_qwenvl.image_converter import QwenVLImageConverter
 from keras_qwenvl.presets import backbone_presets
 from keras_qwenvl.tokenizer import QwenVLTokenizer
+from keras_qwenvl import training  # registers QwenVLAdamW for saved configs
 from keras_qwenvl.vision_encoder import QwenVLVisionEncoder
 
 __version__ = "0.1.0"

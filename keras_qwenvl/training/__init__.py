@@ -1,4 +1,5 @@
-"""Training Qwen-VL with `fit()`: stages, the paper's optimiser, LoRA."""
+"""Training Qwen-VL with `fit()`: stages, the paper's optimiser, LoRA,
+resumable runs and preset checkpoints."""
 
 from keras_qwenvl.training.lora import LORA_TARGETS
 from keras_qwenvl.training.lora import enable_lora
@@ -10,6 +11,10 @@ from keras_qwenvl.training.optimizer import recipe_optimizer
 from keras_qwenvl.training.optimizer import recipe_schedule
 from keras_qwenvl.training.optimizer import recipe_warmup_steps
 from keras_qwenvl.training.optimizer import vit_layer_decay_multipliers
+from keras_qwenvl.training.resume import PresetCheckpoint
+from keras_qwenvl.training.resume import TrainingState
+from keras_qwenvl.training.resume import restore_training_state
+from keras_qwenvl.training.resume import resumable_fit
 from keras_qwenvl.training.stages import PARTS
 from keras_qwenvl.training.stages import STAGES
 from keras_qwenvl.training.stages import set_stage
@@ -21,13 +26,17 @@ __all__ = [
     "PARTS",
     "STAGES",
     "STAGE_RECIPES",
+    "PresetCheckpoint",
     "QwenVLAdamW",
+    "TrainingState",
     "enable_lora",
     "lora_target_layers",
     "merge_lora",
     "recipe_optimizer",
     "recipe_schedule",
     "recipe_warmup_steps",
+    "restore_training_state",
+    "resumable_fit",
     "set_stage",
     "set_trainable",
     "trainable_summary",

@@ -11,6 +11,7 @@ Keras' `Dense.enable_lora` / `EinsumDense.enable_lora` provide the adapters
 adapter's input, so the original's dropout 0.05 is not reproduced.
 """
 
+import keras
 from keras import ops
 
 from keras_qwenvl.training.stages import get_backbone
@@ -35,11 +36,14 @@ def lora_target_layers(model, target_names=LORA_TARGETS):
         target_names: names among `ATTENTION_PROJECTIONS` and
             `MLP_PROJECTIONS`.
     """
-    unknown = sorted(set(target_names) - set(ATTENTION_PROJECTIONS + MLP_PROJECTIONS))
+    if isinstance(target_names, str):
+        target_names = (target_names,)
+    known = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+    unknown = sorted(set(target_names) - set(known))
     if unknown:
         raise ValueError(
             f"Unknown LoRA target names {unknown}; the decoder's projections "
-            f"are {list(ATTENTION_PROJECTIONS + MLP_PROJECTIONS)}."
+            f"are {list(known)}."
         )
     layers = []
     for block in get_backbone(model).transformer_layers:
@@ -106,8 +110,8 @@ def enable_lora(
 def merge_lora(model):
     """Fold the LoRA adapters into their kernels and remove them.
 
-    Each kernel becomes `kernel + alpha / rank * A @ B` (computed in the
-    kernel's dtype, float32 under mixed precision) and the layer a plain
+    Each kernel becomes `kernel + alpha / rank * A @ B` (the adapters are
+    float32; the sum keeps the kernel's dtype) and the layer a plain
     `Dense` / `EinsumDense` again, so the model saves and loads as a model
     without LoRA. Trainable flags of the other weights stay as they are;
     the merged kernels stay frozen. Compile again before further training.
@@ -129,8 +133,16 @@ def merge_lora(model):
         delta = ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
         delta = delta * (layer.lora_alpha / layer.lora_rank)
         kernel.assign(kernel + ops.cast(delta, kernel.dtype))
-        del layer.lora_kernel_a
-        del layer.lora_kernel_b
+        _remove_variable(layer, "lora_kernel_a")
+        _remove_variable(layer, "lora_kernel_b")
         layer.lora_enabled = False
         layer.lora_rank = None
         layer.lora_alpha = None
+
+
+def _remove_variable(layer, name):
+    """`del layer.<name>` for a variable, without the full garbage
+    collection Keras' `Layer.__delattr__` runs after each deletion (about
+    half a second each in a large process, minutes for the 7B decoder)."""
+    layer._untrack_variable(getattr(layer, name))
+    super(keras.layers.Layer, layer).__delattr__(name)

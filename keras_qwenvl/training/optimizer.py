@@ -66,11 +66,15 @@ class QwenVLAdamW(keras.optimizers.AdamW):
     learning rate does in PyTorch. Weights whose name is in
     `no_weight_decay_names` (biases and norms) are not decayed.
 
-    Two differences from `keras.optimizers.AdamW`, both only visible with
-    `gradient_accumulation_steps`: a learning-rate schedule counts optimizer
-    updates rather than micro-batches (so `k` accumulated micro-batches
-    make the same step as one batch `k` times larger), and weight decay is
-    applied once per update, inside the update.
+    The step is PyTorch's `torch.optim.AdamW` (eps is added to the root of
+    the bias-corrected second moment; Keras' `AdamW` adds it before the
+    bias correction, a slightly larger eps in early steps). With
+    `gradient_accumulation_steps` a learning-rate schedule counts optimizer
+    updates, where Keras' optimizers count micro-batches, so `k`
+    accumulated micro-batches make the same step as one batch `k` times
+    larger. Sparse gradients (TensorFlow's embedding gradients) are made
+    dense first, so that a token seen several times in a batch gets one
+    summed gradient (Keras' own Adam squares its slices one by one).
 
     The defaults are the paper's: beta1 0.9, beta2 0.98, eps 1e-6, weight
     decay 0.05, global clip norm 1.0. Use `recipe_optimizer` for the
@@ -120,6 +124,8 @@ class QwenVLAdamW(keras.optimizers.AdamW):
             global_clipnorm=global_clipnorm,
             **kwargs,
         )
+        if self.amsgrad:
+            raise ValueError("`QwenVLAdamW` does not implement AMSGrad.")
         if isinstance(learning_rate_multipliers, dict):
             learning_rate_multipliers = learning_rate_multipliers.items()
         pairs = []
@@ -160,18 +166,52 @@ class QwenVLAdamW(keras.optimizers.AdamW):
             for v in variables
         )
 
+    def apply(self, grads, trainable_variables=None):
+        # TensorFlow gives embedding lookups sparse gradients
+        # (`IndexedSlices`) whose repeated rows Keras' element-wise ops
+        # would square one by one (a wrong global norm and second moment).
+        # A reshape makes them dense; for dense gradients it is free.
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            shapes = [v.shape for v in trainable_variables]
+        else:
+            shapes = [v.shape for v in self._trainable_variables]
+        grads = [
+            None if g is None else ops.reshape(g, shape)
+            for g, shape in zip(grads, shapes)
+        ]
+        return super().apply(grads, trainable_variables)
+
     def update_step(self, gradient, variable, learning_rate):
+        """One AdamW step in PyTorch's form (eps added to the bias-corrected
+        second moment's root), with this variable's learning rate."""
         index = self._get_variable_index(variable)
+        dtype = variable.dtype
         learning_rate = ops.multiply(
-            ops.cast(learning_rate, variable.dtype),
-            self._variable_multipliers[index],
+            ops.cast(learning_rate, dtype), self._variable_multipliers[index]
         )
+        gradient = ops.cast(gradient, dtype)
+        step = ops.cast(self.iterations + 1, dtype)
         if self._variable_decays[index]:
             self.assign_sub(
                 variable,
                 ops.multiply(variable, learning_rate * self.weight_decay),
             )
-        super().update_step(gradient, variable, learning_rate)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        self.assign_add(m, ops.multiply(gradient - m, 1 - self.beta_1))
+        self.assign_add(
+            v, ops.multiply(ops.square(gradient) - v, 1 - self.beta_2)
+        )
+        m_hat = ops.divide(m, 1 - ops.power(ops.cast(self.beta_1, dtype), step))
+        v_hat = ops.divide(v, 1 - ops.power(ops.cast(self.beta_2, dtype), step))
+        self.assign_sub(
+            variable,
+            ops.divide(
+                ops.multiply(m_hat, learning_rate),
+                ops.add(ops.sqrt(v_hat), self.epsilon),
+            ),
+        )
 
     def _apply_weight_decay(self, variables):
         """No-op: `update_step` decays each weight with its own rate."""

@@ -13,7 +13,6 @@ run.
 import json
 import os
 
-import grain
 import keras
 
 _WEIGHTS = "state.weights.h5"
@@ -89,6 +88,8 @@ def resumable_fit(
     done = restore_training_state(model, directory)
     if done >= total_steps:
         return None
+    import grain  # the `data` extra
+
     state = TrainingState(directory, save_every, start_step=done)
     batches = grain.MapDataset.range(done, total_steps).map(batch_at)
     history = model.fit(

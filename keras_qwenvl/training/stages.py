@@ -1,15 +1,14 @@
 """Which weights train: the paper's three stages and finer switches.
 
 Qwen-VL splits into six parts (names as in `set_trainable`):
-
-| part | weights |
-| --- | --- |
-| `vision_tower` | ViT: `patch_embedding`, `position_embedding`, `ln_pre`, `vision_layers` |
-| `adapter` | the position-aware adapter (`attn_pool`): `query`, `kv_proj`, `ln_q`, `ln_kv`, `attention` |
-| `vision_output` | `ln_post` and `proj` after the adapter |
-| `decoder` | `transformer_layers` and `final_normalization` |
-| `embeddings` | `token_embedding.embeddings` (`wte`) |
-| `lm_head` | `token_embedding.reverse_embeddings` (`lm_head`, untied) |
+- `vision_tower`: the ViT, `patch_embedding`, `position_embedding`,
+  `ln_pre` and `vision_layers`;
+- `adapter`: the position-aware adapter (original `attn_pool`): `query`,
+  `kv_proj`, `ln_q`, `ln_kv`, `attention`;
+- `vision_output`: `ln_post` and `proj` after the adapter;
+- `decoder`: `transformer_layers` and `final_normalization`;
+- `embeddings`: `token_embedding.embeddings` (original `wte`);
+- `lm_head`: `token_embedding.reverse_embeddings` (untied `lm_head`).
 
 The paper's stages (QWEN_VL_REFERENCE.md, training recipe):
 1. pre-training: ViT and adapter train, the LLM is frozen;
@@ -28,6 +27,8 @@ weight has no optimizer state; change the stage before `compile()` (and
 compile again after a change), as Keras requires whenever `trainable`
 changes.
 """
+
+import math
 
 import keras
 
@@ -239,14 +240,15 @@ def trainable_summary(model):
         A dict from part name to `{"trainable": int, "total": int}`. With a
         tied lm_head, `embeddings` and `lm_head` count the same matrix.
     """
-    model_trainable = model.trainable
     summary = {}
     for name, units in model_parts(model).items():
         weights = [w for unit in units for w in part_weights(unit)]
         summary[name] = {
             "trainable": sum(
-                int(w.size) for w in weights if model_trainable and w.trainable
+                math.prod(w.shape)
+                for w in weights
+                if model.trainable and w.trainable
             ),
-            "total": sum(int(w.size) for w in weights),
+            "total": sum(math.prod(w.shape) for w in weights),
         }
     return summary
