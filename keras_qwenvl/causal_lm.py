@@ -7,11 +7,12 @@ from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
 from keras_qwenvl.backbone import QwenVLBackbone
+from keras_qwenvl.backbone import interleave_image_features
 from keras_qwenvl.causal_lm_preprocessor import QwenVLCausalLMPreprocessor
 from keras_qwenvl.chat_format import DEFAULT_SYSTEM_PROMPT
 from keras_qwenvl.chat_format import build_chat_prompt
 from keras_qwenvl.chat_format import find_image_tags
-from keras_qwenvl.backbone import interleave_image_features
+from keras_qwenvl.data.loader import RawExamplesMixin
 from keras_qwenvl.presets import QwenVLPresetMixin
 
 try:
@@ -21,7 +22,7 @@ except ImportError:  # pragma: no cover
 
 
 @keras.saving.register_keras_serializable(package="keras_qwenvl")
-class QwenVLCausalLM(QwenVLPresetMixin, CausalLM):
+class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
     """Qwen-VL for causal language modelling and generation.
 
     `call` returns next-token logits (b, t, vocabulary_size). `generate()`
@@ -45,6 +46,17 @@ class QwenVLCausalLM(QwenVLPresetMixin, CausalLM):
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
+
+        encoder = backbone.vision_encoder
+        tokenizer = getattr(preprocessor, "tokenizer", None)
+        span = getattr(tokenizer, "image_span_length", None)
+        if encoder is not None and span not in (None, encoder.num_queries):
+            raise ValueError(
+                f"The tokenizer's image spans hold {span} positions but the "
+                f"vision encoder gives {encoder.num_queries} features per "
+                "image; build the tokenizer with "
+                f"`image_span_length={encoder.num_queries}`."
+            )
 
         # === Functional Model ===
         inputs = backbone.input

@@ -27,8 +27,9 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
     (`token_ids`, `padding_mask`, `images`), the next-token labels `y` and
     the `sample_weight` that marks which labels carry loss.
 
-    Every `<img>...</img>` of a sample becomes an image span of 256
-    positions; the sample's k-th tag takes its k-th image. When images are
+    Every `<img>...</img>` of a sample becomes an image span of the
+    tokenizer's `image_span_length` positions (256); the sample's k-th tag
+    takes its k-th image. When images are
     passed with a sample they fill its tags in order (the tag's text is
     kept as written and may be empty); when none are passed, each tag's
     text is a path (relative to `image_dir` when that is set) loaded with

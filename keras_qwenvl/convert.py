@@ -363,8 +363,14 @@ def convert_weights(backbone, loader, transformers_config):
     return backbone
 
 
-def convert_tokenizer(cls, preset, **kwargs):
-    """A `QwenVLTokenizer` (`cls`) on the folder's `qwen.tiktoken`."""
+def convert_tokenizer(cls, preset, transformers_config=None, **kwargs):
+    """A `QwenVLTokenizer` (`cls`) on the folder's `qwen.tiktoken`, with
+    image spans as long as the adapter's queries (`visual.n_queries`)."""
+    if transformers_config is not None:
+        kwargs.setdefault(
+            "image_span_length",
+            transformers_config["visual"].get("n_queries", 256),
+        )
     return cls(vocabulary=get_file(preset, VOCABULARY_FILE), **kwargs)
 
 
@@ -605,7 +611,7 @@ class QwenVLPresetLoader(PresetLoader):
 
     def load_tokenizer(self, cls, config_file=None, **kwargs):
         self._require_files()
-        return convert_tokenizer(cls, self.preset, **kwargs)
+        return convert_tokenizer(cls, self.preset, self.config, **kwargs)
 
     def load_image_converter(self, cls, **kwargs):
         config = load_image_converter_config(self.preset, self.config)

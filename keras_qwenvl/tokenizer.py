@@ -37,7 +37,7 @@ SPLIT_PATTERN = (
 )
 
 # Positions between `<img>` and `</img>` (`IMG_TOKEN_SPAN`; the adapter's
-# 256 queries).
+# 256 queries); the default of `QwenVLTokenizer.image_span_length`.
 IMAGE_SPAN_LENGTH = 256
 
 IMAGE_TAGS = ("<img>", "</img>")
@@ -148,8 +148,9 @@ class QwenVLTokenizer(QwenVLPresetMixin, Tokenizer):
     Text is NFC-normalized, split with `SPLIT_PATTERN` and byte-pair encoded
     with the ranks of `qwen.tiktoken`. Every special token in
     `SPECIAL_TOKENS` is recognized in text. `<img>X</img>` becomes `<img>`,
-    the UTF-8 byte values of X, `<imgpad>` up to 256 positions, `</img>`;
-    decoding turns such a span back into `<img>X</img>`.
+    the UTF-8 byte values of X, `<imgpad>` up to `image_span_length`
+    positions (256), `</img>`; decoding turns such a span back into
+    `<img>X</img>`.
 
     Qwen has no start (BOS) token. Generation stops at `<|im_end|>`,
     `<|im_start|>` or `<|endoftext|>` (`stop_token_ids`). The padding id is
@@ -165,6 +166,9 @@ class QwenVLTokenizer(QwenVLPresetMixin, Tokenizer):
     Args:
         vocabulary: path to a `qwen.tiktoken` file, or `None` to load it
             later with `load_assets()` (as `from_preset()` does).
+        image_span_length: positions between `<img>` and `</img>`; equal
+            to the vision encoder's `num_queries` (config
+            `visual.n_queries`: 256, the original tokenizer's fixed span).
         dtype: integer dtype of the ids returned on the TensorFlow path.
 
     Examples:
@@ -179,12 +183,19 @@ class QwenVLTokenizer(QwenVLPresetMixin, Tokenizer):
 
     backbone_cls = QwenVLBackbone
 
-    def __init__(self, vocabulary=None, dtype="int32", **kwargs):
+    def __init__(
+        self,
+        vocabulary=None,
+        image_span_length=IMAGE_SPAN_LENGTH,
+        dtype="int32",
+        **kwargs,
+    ):
         if not is_int_dtype(dtype):
             raise ValueError(
                 f"QwenVLTokenizer returns integer ids; got dtype={dtype!r}."
             )
         super().__init__(dtype=dtype, **kwargs)
+        self.image_span_length = int(image_span_length)
         self._encoding = None
         self._first_special_id = None
         self._add_special_token("<|endoftext|>", "end_token")
@@ -369,14 +380,14 @@ class QwenVLTokenizer(QwenVLPresetMixin, Tokenizer):
                 output.extend(run)
                 continue
             content = self._encoding.decode_bytes(run[1:-1])
-            if len(content) > IMAGE_SPAN_LENGTH:
+            if len(content) > self.image_span_length:
                 raise ValueError(
                     f"The image reference between {IMAGE_TAGS[0]} and "
                     f"{IMAGE_TAGS[1]} is {len(content)} bytes long (UTF-8); "
-                    f"at most {IMAGE_SPAN_LENGTH} fit in an image span: "
+                    f"at most {self.image_span_length} fit in an image span: "
                     f"{content[:60]!r}..."
                 )
-            padding = IMAGE_SPAN_LENGTH - len(content)
+            padding = self.image_span_length - len(content)
             output.append(run[0])
             output.extend(content)
             output.extend([self.image_pad_token_id] * padding)
@@ -648,4 +659,5 @@ class QwenVLTokenizer(QwenVLPresetMixin, Tokenizer):
         config = super().get_config()
         # The ranks are saved as an asset, not in the config.
         config["vocabulary"] = None
+        config["image_span_length"] = self.image_span_length
         return config

@@ -429,3 +429,33 @@ def test_packed_segments_equal_samples_alone():
             packed[start : start + len(sample)], alone, atol=1e-5
         )
         start += len(sample)
+
+
+def test_image_span_length_follows_the_queries(tmp_path):
+    from keras_qwenvl import QwenVLCausalLMPreprocessor
+    from keras_qwenvl import QwenVLImageConverter
+    from keras_qwenvl import QwenVLTokenizer
+    from keras_qwenvl.tokenizer import write_byte_level_vocabulary
+
+    vocabulary = write_byte_level_vocabulary(str(tmp_path / "v.tiktoken"))
+    tokenizer = QwenVLTokenizer(vocabulary, image_span_length=QUERIES)
+    ids = tokenizer.tokenize("a<img>b</img>c")
+    start = tokenizer.image_start_token_id
+    assert ids == [97, start, 98] + [tokenizer.pad_token_id] * (QUERIES - 1) + [
+        tokenizer.image_end_token_id, 99
+    ]
+    assert tokenizer.detokenize(ids) == "a<img>b</img>c"
+    restored = QwenVLTokenizer.from_config(tokenizer.get_config())
+    assert restored.image_span_length == QUERIES
+
+    backbone = tiny_backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        image_start_token_id=start,
+    )
+    converter = QwenVLImageConverter(image_size=(28, 28))
+    QwenVLCausalLM(  # consistent: builds
+        backbone, QwenVLCausalLMPreprocessor(tokenizer, converter)
+    )
+    wrong = QwenVLTokenizer(vocabulary)  # 256-position spans
+    with pytest.raises(ValueError, match="image spans hold 256 positions"):
+        QwenVLCausalLM(backbone, QwenVLCausalLMPreprocessor(wrong, converter))

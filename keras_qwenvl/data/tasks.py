@@ -7,16 +7,17 @@ Images are passed in memory (or as paths) and fill the empty `<img></img>`
 tag at the start of the prompt.
 
 The formats follow the paper's pre-training examples (Box B.1) and the
-evaluation prompts of the original repository:
+evaluation prompts of the original repository (prompt -> response):
 
-| task | prompt | response |
-| --- | --- | --- |
-| caption | `<img></img>Generate the caption in English:` | ` {caption}` |
-| grounded caption | `<img></img>Generate the caption in English with grounding:` | ` a <ref>red circle</ref><box>(x1,y1),(x2,y2)</box> ...` |
-| referring grounding | `<img></img><ref>{phrase}</ref>` | `<box>(x1,y1),(x2,y2)</box>` |
-| VQA | `<img></img>{question} Answer:` | ` {answer}` |
-| OCR | `<img></img>OCR with grounding:` | ` <ref>{word}</ref><quad>(x1,y1),...,(x4,y4)</quad>...` |
-| text | (none) | `{text}` |
+- caption: `<img></img>Generate the caption in English:` -> ` {caption}`
+- grounded caption: `<img></img>Generate the caption in English with
+  grounding:` -> ` a <ref>red circle</ref><box>(x1,y1),(x2,y2)</box> ...`
+- referring grounding: `<img></img><ref>{phrase}</ref>` ->
+  `<box>(x1,y1),(x2,y2)</box>`
+- VQA: `<img></img>{question} Answer:` -> ` {answer}`
+- OCR: `<img></img>OCR with grounding:` ->
+  ` <ref>{word}</ref><quad>(x1,y1),...,(x4,y4)</quad><ref>...`
+- pure text: no prompt -> `{text}`
 
 Where the paper leaves spacing open, these choices hold: nothing separates
 `</img>` from the prompt text and no newline follows the image (as the
@@ -83,7 +84,7 @@ def image_size(image):
     if isinstance(image, PIL.Image.Image):
         return image.size
     shape = np.shape(image)
-    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] not in (1, 3, 4)):
+    if len(shape) not in (2, 3) or shape[2:] not in ((), (1,), (3,), (4,)):
         raise ValueError(
             "An image array must have shape (H, W) or (H, W, C) with C in "
             f"1, 3 or 4. Received shape {shape}."
