@@ -122,6 +122,9 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
         dropout: dropout of attention probabilities and residual branches
             (config `attn_dropout_prob`, 0.0).
         tie_word_embeddings: config `tie_word_embeddings` (False).
+        remat: rematerialise each decoder block in training (its
+            activations are recomputed in the backward pass instead of
+            kept), which trades compute for memory on long sequences.
         dtype: dtype policy of the model's computations and weights.
     """
 
@@ -143,6 +146,7 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
         vision_encoder=None,
         dropout=0.0,
         tie_word_embeddings=False,
+        remat=False,
         dtype=None,
         **kwargs,
     ):
@@ -189,6 +193,7 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
                 use_dynamic_ntk=use_dynamic_ntk,
                 use_logn_attn=use_logn_attn,
                 dropout=dropout,
+                remat=remat,
                 dtype=dtype,
                 name=f"transformer_layer_{i}",
             )
@@ -235,6 +240,7 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
         self.image_start_token_id = image_start_token_id
         self.dropout = dropout
         self.tie_word_embeddings = tie_word_embeddings
+        self.remat = remat
 
     def __call__(self, inputs, *args, **kwargs):
         return super().__call__(self.fill_images(inputs), *args, **kwargs)
@@ -280,6 +286,7 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
                 ),
                 "dropout": self.dropout,
                 "tie_word_embeddings": self.tie_word_embeddings,
+                "remat": self.remat,
             }
         )
         return config

@@ -306,10 +306,12 @@ class QwenVLDecoderBlock(keras.layers.Layer):
         use_dynamic_ntk=True,
         use_logn_attn=True,
         dropout=0.0,
+        remat=False,
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.remat = remat
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.intermediate_dim = intermediate_dim
@@ -378,7 +380,35 @@ class QwenVLDecoderBlock(keras.layers.Layer):
         cache_update_mask=None,
         training=None,
     ):
-        """See `QwenVLAttention.call` for the arguments."""
+        """See `QwenVLAttention.call` for the arguments. With `remat`, a
+        training call keeps no activations: the backward pass recomputes
+        them."""
+
+        def forward(x):
+            return self._forward(
+                x,
+                padding_mask,
+                prompt_lengths,
+                cache,
+                cache_update_index,
+                cache_update_mask,
+                training,
+            )
+
+        if self.remat and training and cache is None:
+            return keras.remat(forward)(x)
+        return forward(x)
+
+    def _forward(
+        self,
+        x,
+        padding_mask,
+        prompt_lengths,
+        cache,
+        cache_update_index,
+        cache_update_mask,
+        training,
+    ):
         attended = self.attention(
             self.pre_attention_norm(x),
             padding_mask=padding_mask,
@@ -416,6 +446,7 @@ class QwenVLDecoderBlock(keras.layers.Layer):
                 "use_dynamic_ntk": self.use_dynamic_ntk,
                 "use_logn_attn": self.use_logn_attn,
                 "dropout": self.dropout,
+                "remat": self.remat,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),

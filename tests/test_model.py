@@ -459,3 +459,30 @@ def test_image_span_length_follows_the_queries(tmp_path):
     wrong = QwenVLTokenizer(vocabulary)  # 256-position spans
     with pytest.raises(ValueError, match="image spans hold 256 positions"):
         QwenVLCausalLM(backbone, QwenVLCausalLMPreprocessor(wrong, converter))
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    """Rematerialised decoder blocks recompute activations in the backward
+    pass; the training step's numbers do not change."""
+    reference = QwenVLCausalLM(tiny_backbone())
+    remat = QwenVLCausalLM(tiny_backbone(remat=True))
+    assert remat.backbone.get_config()["remat"] is True
+    remat.set_weights(reference.get_weights())
+    rng = np.random.default_rng(0)
+    ids, mask = batch([[3] + span() + list(rng.integers(0, 200, 6))])
+    x = {
+        "token_ids": ids,
+        "padding_mask": mask,
+        "images": rng.standard_normal((1, 1, 28, 28, 3)).astype("float32"),
+    }
+    y = np.roll(ids, -1, axis=1)
+    losses = []
+    for model in (reference, remat):
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        losses.append(model.train_on_batch(x, y))
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for a, b in zip(reference.get_weights(), remat.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
