@@ -208,81 +208,71 @@ def iou(a, b):
     return inter / union if union > 0 else 0.0
 
 
-def complete(model, prompts, images, max_new_tokens):
-    """Greedy completions of prompts that each hold one image."""
-    tokenizer = model.preprocessor.tokenizer
-    longest = max(len(tokenizer.tokenize(p)) for p in prompts)
-    return model.generate(
-        {"prompts": list(prompts), "images": [[image] for image in images]},
-        max_length=longest + max_new_tokens,
-        strip_prompt=True,
+def held_out_outputs(model, settings, task, prompt, max_new_tokens, seed):
+    """Held-out examples of `task` and the model's greedy completions of
+    `prompt(example)`, in batches of `settings.eval_batch`."""
+    from keras_qwenvl.data.synthetic import synthetic_examples
+
+    examples = synthetic_examples(
+        task, settings.eval_images, seed=seed, image_size=settings.image_size
     )
+    tokenizer = model.preprocessor.tokenizer
+    outputs = []
+    for start in range(0, len(examples), settings.eval_batch):
+        chunk = examples[start : start + settings.eval_batch]
+        prompts = [prompt(e) for e in chunk]
+        longest = max(len(tokenizer.tokenize(p)) for p in prompts)
+        outputs += model.generate(
+            {"prompts": prompts, "images": [[e["images"][0]] for e in chunk]},
+            max_length=longest + max_new_tokens,
+            strip_prompt=True,
+        )
+    return examples, outputs
 
 
 def evaluate(model, settings):
-    """Scores on held-out synthetic images (a seed never trained on)."""
+    """Scores on held-out synthetic images (seeds never trained on)."""
     from keras_qwenvl import parse_grounding
     from keras_qwenvl.data import tasks
-    from keras_qwenvl.data.synthetic import synthetic_examples
 
     model.compile(sampler="greedy")
-    n, size = settings.eval_images, settings.image_size
+    size = (settings.image_size, settings.image_size)
     seed = 10_000 + settings.seed
-    batches = range(0, n, settings.eval_batch)
     results = {}
 
-    examples = synthetic_examples("grounding", n, seed=seed, image_size=size)
+    examples, outputs = held_out_outputs(
+        model, settings, "grounding",
+        lambda e: tasks.grounding_prompt(e["meta"]["phrase"]), 32, seed,
+    )
     hits, drawn = 0, []
-    for start in batches:
-        chunk = examples[start : start + settings.eval_batch]
-        outputs = complete(
-            model,
-            [tasks.grounding_prompt(e["meta"]["phrase"]) for e in chunk],
-            [e["images"][0] for e in chunk],
-            max_new_tokens=32,
-        )
-        for example, output in zip(chunk, outputs):
-            parsed = parse_grounding("<box>" + output.split("<box>", 1)[-1], (size, size))
-            box = parsed[0]["box"] if parsed and "box" in parsed[0] else None
-            truth = example["meta"]["box"]
-            hits += box is not None and iou(box, truth) >= 0.5
-            drawn.append((example, box))
-    results["grounding_accuracy"] = hits / n
+    for example, output in zip(examples, outputs):
+        # The prompt ends at `</ref>`: the answer is the first box.
+        parsed = parse_grounding(output, size)
+        box = next((p["box"] for p in parsed if "box" in p), None)
+        hits += box is not None and iou(box, example["meta"]["box"]) >= 0.5
+        drawn.append((example, box))
+    results["grounding_accuracy"] = hits / len(examples)
 
-    examples = synthetic_examples("ocr", n, seed=seed + 1, image_size=size)
+    examples, outputs = held_out_outputs(
+        model, settings, "ocr", lambda e: tasks.ocr_prompt(), 180, seed + 1
+    )
     correct = total = 0
-    for start in batches:
-        chunk = examples[start : start + settings.eval_batch]
-        outputs = complete(
-            model,
-            [tasks.ocr_prompt()] * len(chunk),
-            [e["images"][0] for e in chunk],
-            max_new_tokens=180,
+    for example, output in zip(examples, outputs):
+        read = [p["phrase"] for p in parse_grounding(output, size)]
+        truth = example["meta"]["words"]
+        correct += sum(
+            i < len(read) and read[i] == word for i, word in enumerate(truth)
         )
-        for example, output in zip(chunk, outputs):
-            read = [r["phrase"] for r in parse_grounding(output, (size, size))]
-            truth = example["meta"]["words"]
-            correct += sum(
-                i < len(read) and read[i] == word for i, word in enumerate(truth)
-            )
-            total += len(truth)
+        total += len(truth)
     results["ocr_word_accuracy"] = correct / total
 
-    examples = synthetic_examples("caption", n, seed=seed + 2, image_size=size)
-    exact = 0
-    for start in batches:
-        chunk = examples[start : start + settings.eval_batch]
-        outputs = complete(
-            model,
-            [tasks.caption_prompt()] * len(chunk),
-            [e["images"][0] for e in chunk],
-            max_new_tokens=64,
-        )
-        exact += sum(
-            output.strip() == e["meta"]["caption"]
-            for e, output in zip(chunk, outputs)
-        )
-    results["caption_exact_match"] = exact / n
+    examples, outputs = held_out_outputs(
+        model, settings, "caption", lambda e: tasks.caption_prompt(), 64, seed + 2
+    )
+    results["caption_exact_match"] = sum(
+        output.strip() == e["meta"]["caption"]
+        for e, output in zip(examples, outputs)
+    ) / len(examples)
     return results, drawn
 
 
