@@ -40,7 +40,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow: needs --run-slow"))
         if "large" in item.keywords and not config.getoption("--run-large"):
             item.add_marker(
-                pytest.mark.skip(reason="large: needs --run-large (19 GB)")
+                pytest.mark.skip(reason="large and slow (19 GB): needs --run-large")
             )
 
 
