@@ -28,7 +28,6 @@ predicted ones in red, with their phrases) and `loss.png`.
 import argparse
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time

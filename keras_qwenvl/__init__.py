@@ -45,4 +45,5 @@ __all__ = [
     "format_ref",
     "normalize_box",
     "parse_grounding",
+    "training",
 ]

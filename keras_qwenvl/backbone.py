@@ -10,7 +10,7 @@ from keras_hub.models import Backbone
 from keras_qwenvl.decoder import QwenVLDecoderBlock
 from keras_qwenvl.decoder import QwenVLRMSNorm
 from keras_qwenvl.presets import QwenVLPresetMixin
-from keras_qwenvl.vision_encoder import QwenVLVisionEncoder
+from keras_qwenvl.vision_encoder import QwenVLVisionEncoder  # noqa: F401 (registers it for `from_config`)
 
 
 def interleave_image_features(
