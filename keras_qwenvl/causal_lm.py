@@ -1,7 +1,6 @@
 """QwenVLCausalLM: logits, a KV-cached `generate()` and `chat()`."""
 
 import keras
-import numpy as np
 from keras import ops
 from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
@@ -241,12 +240,12 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             )
 
         if isinstance(inputs, dict):
+            # The preprocessor takes a batch of one prompt's images as given
+            # (one image or a list), so only the prompt is batched here.
             inputs = dict(inputs)
             scalar = is_scalar(inputs["prompts"])
             if scalar:
                 inputs["prompts"] = [inputs["prompts"]]
-                if inputs.get("images") is not None:
-                    inputs["images"] = [_as_image_list(inputs["images"])]
             return [inputs], scalar
         if is_scalar(inputs):
             return [[inputs]], True
@@ -326,13 +325,3 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         history = list(history or []) + [(turn.query, response, this_turn)]
         return response, history
 
-
-def _as_image_list(images):
-    """One prompt's images as a list (a single image becomes [image])."""
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    if isinstance(images, np.ndarray) and images.ndim == 3:
-        return [images]
-    if isinstance(images, np.ndarray) and images.ndim == 4:
-        return list(images)
-    return [images]

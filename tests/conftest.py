@@ -90,3 +90,13 @@ def golden_hf_dir():
 
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer(tmp_path_factory):
+    """A `QwenVLTokenizer` on the 256-byte vocabulary (no shared files)."""
+    from keras_qwenvl.tokenizer import QwenVLTokenizer
+    from keras_qwenvl.tokenizer import write_byte_level_vocabulary
+
+    folder = tmp_path_factory.mktemp("vocabulary")
+    return QwenVLTokenizer(write_byte_level_vocabulary(folder / "bytes.tiktoken"))

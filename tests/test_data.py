@@ -23,18 +23,14 @@ from keras_qwenvl.data import readers
 from keras_qwenvl.data import synthetic
 from keras_qwenvl.data import tasks
 from keras_qwenvl.image_converter import QwenVLImageConverter
-from keras_qwenvl.tokenizer import QwenVLTokenizer
-from keras_qwenvl.tokenizer import write_byte_level_vocabulary
 from keras_qwenvl.vision_encoder import QwenVLVisionEncoder
 
 SPAN = 256  # positions between `<img>` and `</img>`
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vocabulary")
-    path = write_byte_level_vocabulary(folder / "bytes.tiktoken")
-    return QwenVLTokenizer(path)
+def tokenizer(byte_tokenizer):
+    return byte_tokenizer
 
 
 @pytest.fixture(scope="module")

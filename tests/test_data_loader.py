@@ -12,8 +12,6 @@ from keras_qwenvl.data import loader as data_loader
 from keras_qwenvl.data import readers
 from keras_qwenvl.data import synthetic
 from keras_qwenvl.image_converter import QwenVLImageConverter
-from keras_qwenvl.tokenizer import QwenVLTokenizer
-from keras_qwenvl.tokenizer import write_byte_level_vocabulary
 from keras_qwenvl.vision_encoder import QwenVLVisionEncoder
 
 tf = pytest.importorskip("tensorflow")
@@ -23,10 +21,8 @@ SIZE = 28
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("vocabulary")
-    path = write_byte_level_vocabulary(folder / "bytes.tiktoken")
-    return QwenVLTokenizer(path)
+def tokenizer(byte_tokenizer):
+    return byte_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -304,11 +300,7 @@ def test_fit_loader_routes_raw_examples_only(preprocessor):
 
 
 def causal_lm(tokenizer, preprocessor):
-    """A tiny model that fits raw examples (the mixin, unless the class
-    already has it)."""
-    cls = QwenVLCausalLM
-    if not issubclass(cls, data_loader.RawExamplesMixin):
-        cls = type("RawExamplesLM", (data_loader.RawExamplesMixin, cls), {})
+    """A tiny model that fits raw examples."""
     keras.utils.set_random_seed(0)
     encoder = QwenVLVisionEncoder(
         image_size=SIZE,
@@ -327,7 +319,7 @@ def causal_lm(tokenizer, preprocessor):
         image_start_token_id=tokenizer.image_start_token_id,
         vision_encoder=encoder,
     )
-    lm = cls(backbone, preprocessor)
+    lm = QwenVLCausalLM(backbone, preprocessor)
     lm.compile(optimizer=keras.optimizers.Adam(1e-2))
     return lm
 
