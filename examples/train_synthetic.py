@@ -156,6 +156,8 @@ def train(model, settings):
 
     curves = {}
     for stage, steps in zip((1, 2, 3), settings.stage_steps):
+        if not steps:
+            continue
         set_stage(model, stage)
         optimizer = recipe_optimizer(
             model,

@@ -18,10 +18,12 @@ from keras_qwenvl.causal_lm import QwenVLCausalLM
 from keras_qwenvl.causal_lm_preprocessor import QwenVLCausalLMPreprocessor
 from keras_qwenvl.chat_format import build_chat_prompt
 from keras_qwenvl.decoder import QwenVLDecoderBlock
+from keras_qwenvl import evaluation
 from keras_qwenvl.image_converter import QwenVLImageConverter
 from keras_qwenvl.presets import backbone_presets
 from keras_qwenvl.tokenizer import QwenVLTokenizer
 from keras_qwenvl import training  # registers QwenVLAdamW for saved configs
+from keras_qwenvl import visualize
 from keras_qwenvl.vision_encoder import QwenVLVisionEncoder
 
 __version__ = "0.1.0"
@@ -40,10 +42,12 @@ __all__ = [
     "QwenVLVisionEncoder",
     "build_chat_prompt",
     "denormalize_box",
+    "evaluation",
     "format_box",
     "format_quad",
     "format_ref",
     "normalize_box",
     "parse_grounding",
     "training",
+    "visualize",
 ]

@@ -9,7 +9,9 @@ import math
 
 import keras
 from keras import ops
+from keras_hub.src.utils.keras_utils import clone_initializer
 
+from keras_qwenvl.initializers import projection_initializer
 from keras_qwenvl.position_tables import resize_position_table
 from keras_qwenvl.position_tables import sincos_2d_table
 
@@ -40,25 +42,31 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
         key_shape = key_shape or query_shape
         value_shape = value_shape or key_shape
         hidden_dim = query_shape[-1]
-        common = dict(
-            output_shape=(None, self.num_heads, self.head_dim),
-            bias_axes="nh",
-            kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy,
-        )
+        heads_width = self.num_heads * self.head_dim
         for name, shape in (
             ("query", query_shape),
             ("key", key_shape),
             ("value", value_shape),
         ):
-            layer = keras.layers.EinsumDense("btd,dnh->btnh", name=name, **common)
+            layer = keras.layers.EinsumDense(
+                "btd,dnh->btnh",
+                output_shape=(None, self.num_heads, self.head_dim),
+                bias_axes="nh",
+                kernel_initializer=projection_initializer(
+                    self.kernel_initializer, shape[-1], heads_width
+                ),
+                name=name,
+                dtype=self.dtype_policy,
+            )
             layer.build(shape)
             setattr(self, name, layer)
         self.attention_output = keras.layers.EinsumDense(
             "btnh,nhd->btd",
             output_shape=(None, hidden_dim),
             bias_axes="d",
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=projection_initializer(
+                self.kernel_initializer, heads_width, hidden_dim
+            ),
             name="attention_output",
             dtype=self.dtype_policy,
         )
@@ -155,7 +163,7 @@ class QwenVLAdapter(keras.layers.Layer):
         self.kv_proj = keras.layers.Dense(
             self.output_dim,
             use_bias=False,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="kv_proj",
             dtype=policy,
         )
@@ -172,7 +180,7 @@ class QwenVLAdapter(keras.layers.Layer):
         self.attention = QwenVLMultiHeadAttention(
             num_heads=self.output_dim // self.head_dim,
             head_dim=self.head_dim,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="attention",
             dtype=policy,
         )

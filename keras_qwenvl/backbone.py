@@ -9,6 +9,7 @@ from keras_hub.models import Backbone
 
 from keras_qwenvl.decoder import QwenVLDecoderBlock
 from keras_qwenvl.decoder import QwenVLRMSNorm
+from keras_qwenvl.initializers import FreshDraws
 from keras_qwenvl.presets import QwenVLPresetMixin
 from keras_qwenvl.vision_encoder import QwenVLVisionEncoder  # noqa: F401 (registers it for `from_config`)
 
@@ -171,8 +172,9 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=tie_word_embeddings,
-            embeddings_initializer=keras.initializers.RandomNormal(
-                stddev=0.02
+            # The untied lm_head must not start as a copy of the embedding.
+            embeddings_initializer=FreshDraws(
+                keras.initializers.RandomNormal(stddev=0.02)
             ),
             dtype=dtype,
             name="token_embedding",
@@ -290,6 +292,45 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
             }
         )
         return config
+
+    @staticmethod
+    def get_layout_map(
+        device_mesh,
+        model_parallel_dim_name="model",
+        data_parallel_dim_name="batch",
+    ):
+        """A `keras.distribution.LayoutMap` sharding Qwen-VL's weights.
+
+        Attention heads, MLP hidden units and the vocabulary of the vision
+        encoder, the adapter and the decoder are split over
+        `model_parallel_dim_name`; everything else is replicated. See
+        `keras_qwenvl.distribution.get_layout_map`; use the map with
+        `keras_qwenvl.distribution.QwenVLModelParallel`, or call
+        `keras_qwenvl.distribution.model_parallel`, which also checks that
+        the rules cover every weight.
+
+        Args:
+            device_mesh: a `keras.distribution.DeviceMesh`.
+            model_parallel_dim_name: the mesh axis weights are split over.
+            data_parallel_dim_name: the mesh axis batches are split over.
+
+        Example:
+        ```python
+        mesh = keras.distribution.DeviceMesh(
+            (2, 4), ("batch", "model"), keras.distribution.list_devices()
+        )
+        layout_map = QwenVLBackbone.get_layout_map(mesh)
+        distribution = QwenVLModelParallel(layout_map=layout_map)
+        with distribution.scope():
+            model = QwenVLCausalLM.from_preset("/data/Qwen-VL")
+        ```
+        """
+        # Imported here: the distribution module builds backbones.
+        from keras_qwenvl.distribution import get_layout_map
+
+        return get_layout_map(
+            device_mesh, model_parallel_dim_name, data_parallel_dim_name
+        )
 
     @classmethod
     def from_config(cls, config):

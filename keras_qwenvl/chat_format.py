@@ -16,11 +16,10 @@ inside `<img>` is the image's path (the original's convention), or empty
 when the image is given as pixels.
 
 For fine-tuning, a conversation is split into segments exactly as the
-original `finetune.py` tokenizes it (each segment on its own), with the loss
-on each assistant reply and on its closing `<|im_end|>` and newline. (The
-original's labels also keep every turn's `<|im_start|>` and the
-`<|im_end|>` and newline of the system and user turns; the loss here is on
-the assistant's turns only.)
+original `finetune.py` tokenizes it (each segment on its own), with the
+original's labels: the loss is on each assistant reply and on the ChatML
+special tokens of every turn (`<|im_start|>`, and `<|im_end|>` with its
+newline), never on role names, the system prompt or the user's words.
 """
 
 import collections
@@ -206,6 +205,18 @@ def _turn_field(turn, keys, index):
     )
 
 
+def _turn_segments(role, content, is_reply):
+    """One ChatML turn as `(text, carries_loss)` segments: the special
+    tokens always carry loss, the content only when it is a reply."""
+    return [
+        (IM_START, True),
+        (f"{role}\n", False),
+        (content, is_reply),
+        (IM_END, True),
+        ("\n", True),
+    ]
+
+
 def conversation_segments(conversation, system_prompt=DEFAULT_SYSTEM_PROMPT):
     """Splits a fine-tuning conversation into ChatML segments marked for loss.
 
@@ -214,7 +225,9 @@ def conversation_segments(conversation, system_prompt=DEFAULT_SYSTEM_PROMPT):
     tokenizes the same). Their texts joined are the ChatML text:
     `<|im_start|>system\\n{system}<|im_end|>\\n`, then per turn
     `<|im_start|>{role}\\n{content}<|im_end|>\\n`. The loss is on each
-    assistant content and its closing `<|im_end|>\\n`, nothing else.
+    assistant content and on every turn's `<|im_start|>`, `<|im_end|>` and
+    the newline after it (the original's labels); role names, the system
+    prompt and the user's contents carry none.
 
     Args:
         conversation: a list of turns `{"from": "user" | "assistant",
@@ -235,11 +248,7 @@ def conversation_segments(conversation, system_prompt=DEFAULT_SYSTEM_PROMPT):
             "A conversation is a non-empty list of turns. "
             f"Received: {conversation!r}"
         )
-    segments = [
-        (f"{IM_START}system\n", False),
-        (system_prompt, False),
-        (f"{IM_END}\n", False),
-    ]
+    segments = _turn_segments("system", system_prompt, False)
     for index, turn in enumerate(conversation):
         if not isinstance(turn, dict):
             raise ValueError(
@@ -260,12 +269,7 @@ def conversation_segments(conversation, system_prompt=DEFAULT_SYSTEM_PROMPT):
                 f"turn {index} of the conversation: the content must be a "
                 f"string. Received: {content!r}"
             )
-        is_reply = role == "assistant"
-        segments += [
-            (f"{IM_START}{role}\n", False),
-            (content, is_reply),
-            (f"{IM_END}\n", is_reply),
-        ]
+        segments += _turn_segments(role, content, role == "assistant")
     if len(conversation) % 2:
         raise ValueError(
             f"turn {len(conversation) - 1} of the conversation is a user "

@@ -11,6 +11,9 @@ import math
 import keras
 import numpy as np
 from keras import ops
+from keras_hub.src.utils.keras_utils import clone_initializer
+
+from keras_qwenvl.initializers import projection_initializer
 
 # Dynamic NTK can raise the rotary base for prompts up to
 # seq_length * 2 ** (_MAX_NTK_DOUBLINGS - 1) tokens; longer prompts keep the
@@ -150,25 +153,28 @@ class QwenVLAttention(keras.layers.Layer):
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
-        common = dict(
-            kernel_initializer=self.kernel_initializer,
-            dtype=self.dtype_policy,
-        )
+        heads_width = self.num_heads * self.head_dim
         for name in ("query", "key", "value"):
             layer = keras.layers.EinsumDense(
                 "btd,dnh->btnh",
                 output_shape=(None, self.num_heads, self.head_dim),
                 bias_axes="nh",
+                kernel_initializer=projection_initializer(
+                    self.kernel_initializer, hidden_dim, heads_width
+                ),
                 name=name,
-                **common,
+                dtype=self.dtype_policy,
             )
             layer.build(input_shape)
             setattr(self, name, layer)
         self.attention_output = keras.layers.EinsumDense(
             "btnh,nhd->btd",
             output_shape=(None, hidden_dim),
+            kernel_initializer=projection_initializer(
+                self.kernel_initializer, heads_width, hidden_dim
+            ),
             name="attention_output",
-            **common,
+            dtype=self.dtype_policy,
         )
         self.attention_output.build(
             (None, None, self.num_heads, self.head_dim)
@@ -340,7 +346,7 @@ class QwenVLDecoderBlock(keras.layers.Layer):
             use_dynamic_ntk=self.use_dynamic_ntk,
             use_logn_attn=self.use_logn_attn,
             dropout=self.dropout,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="attention",
             dtype=policy,
         )
@@ -349,20 +355,26 @@ class QwenVLDecoderBlock(keras.layers.Layer):
             self.layer_norm_epsilon, name="pre_mlp_norm", dtype=policy
         )
         self.pre_mlp_norm.build(input_shape)
-        dense = dict(
-            use_bias=False, kernel_initializer=self.kernel_initializer,
-            dtype=policy,
-        )
-        self.feedforward_intermediate_dense = keras.layers.Dense(
-            self.intermediate_dim, name="feedforward_intermediate_dense", **dense
+
+        def dense(units, name):
+            return keras.layers.Dense(
+                units,
+                use_bias=False,
+                kernel_initializer=clone_initializer(self.kernel_initializer),
+                name=name,
+                dtype=policy,
+            )
+
+        self.feedforward_intermediate_dense = dense(
+            self.intermediate_dim, "feedforward_intermediate_dense"
         )
         self.feedforward_intermediate_dense.build(input_shape)
-        self.feedforward_gate_dense = keras.layers.Dense(
-            self.intermediate_dim, name="feedforward_gate_dense", **dense
+        self.feedforward_gate_dense = dense(
+            self.intermediate_dim, "feedforward_gate_dense"
         )
         self.feedforward_gate_dense.build(input_shape)
-        self.feedforward_output_dense = keras.layers.Dense(
-            hidden_dim, name="feedforward_output_dense", **dense
+        self.feedforward_output_dense = dense(
+            hidden_dim, "feedforward_output_dense"
         )
         self.feedforward_output_dense.build(
             tuple(input_shape[:-1]) + (self.intermediate_dim,)

@@ -9,6 +9,7 @@ resized to the patch grid -> ln_pre -> pre-norm blocks -> adapter -> ln_post
 import keras
 import numpy as np
 from keras import ops
+from keras_hub.src.utils.keras_utils import clone_initializer
 
 from keras_qwenvl.adapter import QwenVLAdapter
 from keras_qwenvl.adapter import QwenVLMultiHeadAttention
@@ -48,7 +49,7 @@ class QwenVLVisionBlock(keras.layers.Layer):
         self.attention = QwenVLMultiHeadAttention(
             num_heads=self.num_heads,
             head_dim=width // self.num_heads,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="attention",
             dtype=policy,
         )
@@ -59,14 +60,14 @@ class QwenVLVisionBlock(keras.layers.Layer):
         self.ln_2.build(input_shape)
         self.mlp_fc = keras.layers.Dense(
             self.intermediate_dim,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="mlp_fc",
             dtype=policy,
         )
         self.mlp_fc.build(input_shape)
         self.mlp_proj = keras.layers.Dense(
             width,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=clone_initializer(self.kernel_initializer),
             name="mlp_proj",
             dtype=policy,
         )

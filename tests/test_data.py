@@ -276,12 +276,14 @@ def test_finetune_json_reads_good_samples(
         str(folder / "pictures" / "b.png"),
     ]
     assert examples[0]["conversations"] == samples[0]["conversations"]
-    # The preprocessor takes them as they are; the loss is on the reply.
+    # The preprocessor takes them as they are; the loss is on the reply and
+    # the turns' special tokens.
     x, y, weights = preprocessor(examples[0])
     y = keras.ops.convert_to_numpy(y)
     weights = keras.ops.convert_to_numpy(weights)
+    marks = "<|im_end|>\n<|im_start|>"
     assert tokenizer.detokenize(y[weights > 0].tolist()) == (
-        "<ref>A dog</ref><box>(1,2),(500,600)</box><|im_end|>\n"
+        f"{marks}{marks}<ref>A dog</ref><box>(1,2),(500,600)</box><|im_end|>\n"
     )
     assert keras.ops.convert_to_numpy(x["images"]).shape == (1, 28, 28, 3)
 

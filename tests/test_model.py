@@ -486,3 +486,41 @@ def test_remat_gives_the_same_loss_and_gradients():
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     for a, b in zip(reference.get_weights(), remat.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_fresh_weights_are_distinct_and_projections_scaled_as_matrices():
+    # Trained from scratch, a model must not start with equal query, key
+    # and value kernels (an unseeded initializer repeats its values), and a
+    # multi-head kernel (hidden, heads, head_dim) must be drawn with the
+    # fans of the (hidden, heads * head_dim) matrix it is.
+    backbone = tiny_backbone(
+        hidden_dim=64,
+        num_heads=4,
+        vision_encoder=tiny_encoder(width=64, output_dim=64),
+    )
+    kernels = {
+        v.path: to_np(v)
+        for v in backbone.weights
+        if len(v.shape) >= 2 and np.std(to_np(v)) > 0
+    }
+    paths = sorted(kernels)
+    for i, a in enumerate(paths):
+        for b in paths[i + 1 :]:
+            if kernels[a].size == kernels[b].size:
+                same = np.allclose(kernels[a].ravel(), kernels[b].ravel())
+                assert not same, (a, b)
+    checked = 0
+    for path, kernel in kernels.items():
+        if path.endswith(("query/kernel", "key/kernel", "value/kernel")):
+            fan_in, heads, head_dim = kernel.shape
+            fan_out = heads * head_dim
+        elif path.endswith("attention_output/kernel"):
+            heads, head_dim, fan_out = kernel.shape
+            fan_in = heads * head_dim
+        else:
+            continue
+        glorot_std = np.sqrt(2.0 / (fan_in + fan_out))
+        np.testing.assert_allclose(np.std(kernel), glorot_std, rtol=0.15)
+        checked += 1
+    # Four projections in each of 2 ViT, 1 adapter and 2 decoder layers.
+    assert checked == 20

@@ -167,16 +167,18 @@ def test_conversation_segments_text_and_loss():
         "<|im_start|>user\nSure?<|im_end|>\n"
         "<|im_start|>assistant\nYes.<|im_end|>\n"
     )
-    assert [text for text, loss in segments if loss] == [
-        "A cat.",
-        "<|im_end|>\n",
-        "Yes.",
-        "<|im_end|>\n",
-    ]
+    # The original's labels: every turn's special tokens, and the replies.
+    turn_marks = ["<|im_start|>", "<|im_end|>", "\n"]
+    assert [text for text, loss in segments if loss] == (
+        turn_marks * 2
+        + ["<|im_start|>", "A cat.", "<|im_end|>", "\n"]
+        + turn_marks
+        + ["<|im_start|>", "Yes.", "<|im_end|>", "\n"]
+    )
     custom = chat_format.conversation_segments(
         conversation, system_prompt="Be brief."
     )
-    assert custom[1] == ("Be brief.", False)
+    assert custom[2] == ("Be brief.", False)
 
 
 USER_A = {"from": "user", "value": "a"}
@@ -297,28 +299,35 @@ def test_conversation_loss_token_by_token(tokenizer, preprocessor):
         ],
     }
     x, y, weight = numpy(preprocessor(sample, sequence_length=80))
-    # Hand-written ChatML; the loss is on "yo", `<|im_end|>` and "\n".
-    prompt = ids_of(
-        tokenizer,
-        "<|im_start|>",
-        "system\nYou are a helpful assistant.",
-        "<|im_end|>",
-        "\n",
-        "<|im_start|>",
-        "user\nhi",
-        "<|im_end|>",
-        "\n",
-        "<|im_start|>",
-        "assistant\n",
-    )
-    reply = ids_of(tokenizer, "yo", "<|im_end|>", "\n")
-    ids = prompt + reply
+    # Hand-written ChatML with the original's labels: the loss is on "yo"
+    # and on every `<|im_start|>`, `<|im_end|>` and the newline after it.
+    pieces = [
+        ("<|im_start|>", 1),
+        ("system\nYou are a helpful assistant.", 0),
+        ("<|im_end|>", 1),
+        ("\n", 1),
+        ("<|im_start|>", 1),
+        ("user\nhi", 0),
+        ("<|im_end|>", 1),
+        ("\n", 1),
+        ("<|im_start|>", 1),
+        ("assistant\n", 0),
+        ("yo", 1),
+        ("<|im_end|>", 1),
+        ("\n", 1),
+    ]
+    ids, labelled = [], []
+    for text, loss in pieces:
+        piece = ids_of(tokenizer, text)
+        ids += piece
+        labelled += [loss] * len(piece)
     pad = tokenizer.pad_token_id
     expected_ids = ids + [pad] * (81 - len(ids))  # no end token
     np.testing.assert_array_equal(x["token_ids"], expected_ids[:-1])
     np.testing.assert_array_equal(y, expected_ids[1:])
+    # Position t predicts token t + 1 (the first token has no prediction).
     expected_weight = np.zeros(80)
-    expected_weight[len(prompt) - 1 : len(ids) - 1] = 1
+    expected_weight[: len(ids) - 1] = labelled[1:]
     np.testing.assert_array_equal(weight, expected_weight)
     np.testing.assert_array_equal(x["padding_mask"], np.arange(80) < len(ids))
 
@@ -375,9 +384,12 @@ def test_conversation_weights_decode_to_the_replies(tokenizer, preprocessor):
             {"conversations": conversation, "images": [random_image(2)]}
         )
     )
+    # Every turn's special tokens (after the first, which nothing predicts)
+    # and the replies.
+    marks = "<|im_end|>\n<|im_start|>"
     assert tokenizer.detokenize(y[weight > 0].tolist()) == (
-        "<ref>A cat</ref><box>(1,2),(500,600)</box><|im_end|>\n"
-        "\n\nNothing.<|im_end|>\n"
+        f"{marks}{marks}<ref>A cat</ref><box>(1,2),(500,600)</box>"
+        f"{marks}{marks}\n\nNothing.<|im_end|>\n"
     )
 
 
@@ -837,8 +849,9 @@ def test_real_vocabulary_conversation_loss(real_tokenizer, golden):
     }
     x, y, weight = numpy(preprocessor([sample]))
     labels = y[0][weight[0] > 0].tolist()
+    marks = "<|im_end|>\n<|im_start|>"
     assert real_tokenizer.detokenize(labels) == (
-        f"{box}<|im_end|>\n\n\nWhite.<|im_end|>\n"
+        f"{marks}{marks}{box}{marks}{marks}\n\nWhite.<|im_end|>\n"
     )
     # Each segment is tokenized on its own, as the original fine-tuning
     # code does: the reply's ids are those of the reply alone, which here
