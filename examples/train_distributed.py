@@ -32,18 +32,6 @@ import os
 import tempfile
 import time
 
-# The tasks of each stage (as in examples/train_synthetic.py).
-STAGE_TASKS = {
-    1: {"caption": 1, "grounded_caption": 1},
-    2: {
-        "caption": 2,
-        "grounded_caption": 1,
-        "grounding": 3,
-        "vqa": 1,
-        "ocr": 3,
-    },
-    3: {"chat": 2, "caption": 1, "grounding": 2, "ocr": 2, "vqa": 1},
-}
 # A model that a model axis of 1, 2 or 4 splits everywhere (4 heads in
 # every attention); on an 8-way axis its heads and ViT MLP (84) stay whole.
 TINY = dict(
@@ -186,6 +174,7 @@ def run(args):
     import keras
 
     from keras_qwenvl.data.loader import QwenVLDataLoader
+    from keras_qwenvl.data.synthetic import STAGE_TASKS
     from keras_qwenvl.data.synthetic import SyntheticSource
     from keras_qwenvl.distribution import memory_estimate
     from keras_qwenvl.presets import PUBLISHED_CONFIG

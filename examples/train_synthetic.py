@@ -71,18 +71,6 @@ QUICK = dict(
     eval_batch=8,
 )
 
-STAGE_TASKS = {
-    1: {"caption": 1, "grounded_caption": 1},
-    2: {
-        "caption": 2,
-        "grounded_caption": 1,
-        "grounding": 3,
-        "vqa": 1,
-        "ocr": 3,
-    },
-    3: {"chat": 2, "caption": 1, "grounding": 2, "ocr": 2, "vqa": 1},
-}
-
 
 def build_model(settings, vocabulary_dir):
     import keras
@@ -137,6 +125,7 @@ def train(model, settings):
     import keras
 
     from keras_qwenvl.data.loader import QwenVLDataLoader
+    from keras_qwenvl.data.synthetic import STAGE_TASKS
     from keras_qwenvl.data.synthetic import SyntheticSource
     from keras_qwenvl.training import recipe_optimizer
     from keras_qwenvl.training import set_stage
@@ -331,6 +320,7 @@ def draw_losses(curves, path, width=640, height=320):
 def probe_batch(model, settings):
     """A fixed batch of the stage-2 mixture (a seed never trained on)."""
     from keras_qwenvl.data.loader import QwenVLDataLoader
+    from keras_qwenvl.data.synthetic import STAGE_TASKS
     from keras_qwenvl.data.synthetic import SyntheticSource
 
     source = SyntheticSource(

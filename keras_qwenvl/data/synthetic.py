@@ -79,6 +79,21 @@ TASKS = (
     "text",
 )
 
+# The task mixture (name -> weight) of each training stage in the built-in
+# demos: stage 1 aligns vision and language on captions, stage 2 trains the
+# multi-task mixture, stage 3 adds multi-turn chats to the tasks.
+STAGE_TASKS = {
+    1: {"caption": 1, "grounded_caption": 1},
+    2: {
+        "caption": 2,
+        "grounded_caption": 1,
+        "grounding": 3,
+        "vqa": 1,
+        "ocr": 3,
+    },
+    3: {"chat": 2, "caption": 1, "grounding": 2, "ocr": 2, "vqa": 1},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
