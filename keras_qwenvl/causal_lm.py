@@ -2,6 +2,7 @@
 
 import keras
 from keras import ops
+from keras.src.quantizers.utils import should_quantize_layer
 from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
@@ -85,6 +86,39 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             **kwargs,
         )
 
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantize the model's weights, e.g. `quantize("int8")`.
+
+        As `keras.Model.quantize`, with three differences: the
+        preprocessor's layers (no weights; its image resizing layer is built
+        only when an image goes through it) are left alone, so are layers
+        that cannot be quantized (norms, convolutions: no warning for each),
+        and the token embedding and lm_head are quantized too (keras-hub's
+        `ReversibleEmbedding` subclasses Keras' quantizable one, which
+        Keras' exact type check would refuse; pass `type_check=True` to keep
+        that check).
+
+        Args:
+            mode: "int8", "int4", "float8", "gptq" or "awq".
+            config: an optional `keras.quantizers.QuantizationConfig`.
+            filters: optional regex string, list of them, or callable
+                choosing the layers to quantize.
+        """
+        skipped = set()
+        if self.preprocessor is not None:
+            skipped = {id(layer) for layer in self.preprocessor._flatten_layers()}
+
+        def chosen(layer):
+            quantizable = type(layer).quantize is not keras.layers.Layer.quantize
+            return (
+                quantizable
+                and id(layer) not in skipped
+                and should_quantize_layer(layer, filters)
+            )
+
+        kwargs.setdefault("type_check", False)
+        super().quantize(mode, config=config, filters=chosen, **kwargs)
+
     # === Cached forward pass ===
 
     def call_with_cache(
@@ -112,6 +146,27 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         Returns:
             (logits, hidden_states, cache).
         """
+        hidden_states, cache = self._hidden_states_with_cache(
+            token_ids,
+            cache,
+            cache_update_index,
+            prompt_lengths,
+            image_features,
+            cache_update_mask,
+        )
+        logits = self.backbone.token_embedding(hidden_states, reverse=True)
+        return logits, hidden_states, cache
+
+    def _hidden_states_with_cache(
+        self,
+        token_ids,
+        cache,
+        cache_update_index,
+        prompt_lengths,
+        image_features,
+        cache_update_mask,
+    ):
+        """`call_with_cache` without the lm_head: (hidden_states, cache)."""
         backbone = self.backbone
         x = backbone.token_embedding(token_ids)
         if image_features is not None:
@@ -128,12 +183,14 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
                 cache_update_mask=cache_update_mask,
             )
             new_cache.append(layer_cache)
-        hidden_states = backbone.final_normalization(x)
-        logits = backbone.token_embedding(hidden_states, reverse=True)
-        return logits, hidden_states, tuple(new_cache)
+        return backbone.final_normalization(x), tuple(new_cache)
 
     def _build_cache(self, token_ids, prompt_lengths, image_features):
-        """Allocate the cache and fill it with one pass over the prompt."""
+        """Allocate the cache and fill it with one pass over the prompt.
+
+        The pass skips the lm_head: its logits at every position of the
+        padded batch (b, max_length, vocabulary_size) would go unused.
+        """
         backbone = self.backbone
         batch, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
         shape = (batch, max_length, backbone.num_heads, backbone.head_dim)
@@ -144,14 +201,14 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             )
             for _ in range(backbone.num_layers)
         )
-        _, hidden_states, cache = self.call_with_cache(
+        return self._hidden_states_with_cache(
             token_ids,
             cache,
             0,
-            prompt_lengths=prompt_lengths,
-            image_features=image_features,
+            prompt_lengths,
+            image_features,
+            cache_update_mask=None,
         )
-        return hidden_states, cache
 
     def generate_step(self, inputs, stop_token_ids=None):
         """Generate for one batch of preprocessed inputs (static shapes).

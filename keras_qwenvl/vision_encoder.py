@@ -243,6 +243,14 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         slots (b, m, S, S, 3) gives (b, m, num_queries, output_dim)."""
         if len(pixels.shape) == 5:
             batch, slots = ops.shape(pixels)[0], ops.shape(pixels)[1]
+            if pixels.shape[1] == 0:
+                # No image slots (a text-only batch): nothing to encode, and
+                # some kernels (int8 quantized projections) refuse empty
+                # inputs.
+                return ops.zeros(
+                    (batch, 0, self.num_queries, self.output_dim),
+                    dtype=self.compute_dtype,
+                )
             flat = ops.reshape(pixels, (-1,) + tuple(pixels.shape[2:]))
             features = self.call(flat)
             return ops.reshape(
