@@ -14,12 +14,7 @@ import pytest
 from keras import ops
 
 from keras_qwenvl import QwenVLCausalLM
-from keras_qwenvl import QwenVLCausalLMPreprocessor
-from keras_qwenvl import QwenVLImageConverter
-from keras_qwenvl import QwenVLTokenizer
-from keras_qwenvl.tokenizer import write_byte_level_vocabulary
-from tests.test_model import QUERIES
-from tests.test_model import tiny_backbone
+from tests.test_model import tiny_causal_lm
 
 MAX_LENGTH = 40
 EAGER = keras.config.backend() == "torch"
@@ -28,16 +23,7 @@ EAGER = keras.config.backend() == "torch"
 @pytest.fixture
 def causal_lm(tmp_path):
     """A tiny multimodal model with a byte-level preprocessor."""
-    vocabulary = write_byte_level_vocabulary(str(tmp_path / "v.tiktoken"))
-    tokenizer = QwenVLTokenizer(vocabulary, image_span_length=QUERIES)
-    backbone = tiny_backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        image_start_token_id=tokenizer.image_start_token_id,
-    )
-    preprocessor = QwenVLCausalLMPreprocessor(
-        tokenizer, QwenVLImageConverter(image_size=(28, 28))
-    )
-    lm = QwenVLCausalLM(backbone, preprocessor)
+    lm = tiny_causal_lm(str(tmp_path))
     lm.compile(sampler="greedy")
     return lm
 

@@ -4,6 +4,8 @@ Golden numerics against the original code are in test_golden.py; these tests
 pin the mechanisms: the position tables, image spans, the cache, batching.
 """
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -12,10 +14,14 @@ from keras import ops
 from keras_qwenvl.backbone import QwenVLBackbone
 from keras_qwenvl.backbone import interleave_image_features
 from keras_qwenvl.causal_lm import QwenVLCausalLM
+from keras_qwenvl.causal_lm_preprocessor import QwenVLCausalLMPreprocessor
 from keras_qwenvl.decoder import ntk_alpha_index
+from keras_qwenvl.image_converter import QwenVLImageConverter
 from keras_qwenvl.position_tables import bicubic_resize_matrix
 from keras_qwenvl.position_tables import resize_position_table
 from keras_qwenvl.position_tables import sincos_2d_table
+from keras_qwenvl.tokenizer import QwenVLTokenizer
+from keras_qwenvl.tokenizer import write_byte_level_vocabulary
 from keras_qwenvl.vision_encoder import QwenVLVisionEncoder
 from keras_qwenvl.vision_encoder import window_attention_mask
 
@@ -54,6 +60,21 @@ def tiny_backbone(vision=True, **kwargs):
     )
     config.update(kwargs)
     return QwenVLBackbone(**config)
+
+
+def tiny_causal_lm(folder):
+    """A tiny multimodal QwenVLCausalLM with a byte-level preprocessor whose
+    vocabulary file is written into `folder`."""
+    vocabulary = write_byte_level_vocabulary(os.path.join(folder, "v.tiktoken"))
+    tokenizer = QwenVLTokenizer(vocabulary, image_span_length=QUERIES)
+    backbone = tiny_backbone(
+        vocabulary_size=tokenizer.vocabulary_size(),
+        image_start_token_id=tokenizer.image_start_token_id,
+    )
+    preprocessor = QwenVLCausalLMPreprocessor(
+        tokenizer, QwenVLImageConverter(image_size=(28, 28))
+    )
+    return QwenVLCausalLM(backbone, preprocessor)
 
 
 def span():

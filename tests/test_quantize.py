@@ -10,12 +10,8 @@ import pytest
 from keras import ops
 
 from keras_qwenvl import QwenVLCausalLM
-from keras_qwenvl import QwenVLCausalLMPreprocessor
-from keras_qwenvl import QwenVLImageConverter
-from keras_qwenvl import QwenVLTokenizer
-from keras_qwenvl.tokenizer import write_byte_level_vocabulary
-from tests.test_model import QUERIES
 from tests.test_model import tiny_backbone
+from tests.test_model import tiny_causal_lm
 
 # Max abs logit difference / max abs float32 logit of the int8 golden model
 # (weights and embedding rows in int8, activations quantized per token).
@@ -58,16 +54,8 @@ def quantized_layers(model):
 def test_quantize_int8_with_a_preprocessor_covers_embedding_and_lm_head(
     tmp_path,
 ):
-    vocabulary = write_byte_level_vocabulary(str(tmp_path / "v.tiktoken"))
-    tokenizer = QwenVLTokenizer(vocabulary, image_span_length=QUERIES)
-    backbone = tiny_backbone(
-        vocabulary_size=tokenizer.vocabulary_size(),
-        image_start_token_id=tokenizer.image_start_token_id,
-    )
-    preprocessor = QwenVLCausalLMPreprocessor(
-        tokenizer, QwenVLImageConverter(image_size=(28, 28))
-    )
-    lm = QwenVLCausalLM(backbone, preprocessor)
+    lm = tiny_causal_lm(str(tmp_path))
+    backbone, preprocessor = lm.backbone, lm.preprocessor
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lm.quantize("int8")  # the image converter's resizing is still unbuilt
