@@ -33,6 +33,7 @@ in `--out`.
 """
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -60,43 +61,36 @@ def qwen_vl_config(
     vit_heads,
     image_size,
 ):
-    """A Qwen-VL `config.json` (the published field names and fixed values:
-    vocabulary, rotary base, 2048-token `seq_length`, image token ids), so
-    the model is built by the checkpoint converter's own mapping."""
-    return {
-        "model_type": "qwen",
-        "vocab_size": 151936,
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": num_heads,
-        "kv_channels": hidden_size // num_heads,
+    """The published `config.json` with smaller sizes (its vocabulary,
+    rotary base, 2048-token `seq_length` and image token ids kept), so the
+    model is built by the checkpoint converter's own mapping."""
+    from keras_qwenvl.presets import PUBLISHED_CONFIG
+
+    config = copy.deepcopy(PUBLISHED_CONFIG)
+    config.update(
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        kv_channels=hidden_size // num_heads,
         # Counts both MLP input matrices: each is intermediate_size // 2.
-        "intermediate_size": intermediate_size,
-        "layer_norm_epsilon": 1e-6,
-        "rotary_emb_base": 10000,
-        "rotary_pct": 1.0,
-        "seq_length": 2048,
-        "use_dynamic_ntk": True,
-        "use_logn_attn": True,
-        "visual": {
-            "image_size": image_size,
-            "patch_size": 14,
-            "width": vit_width,
-            "layers": vit_layers,
-            "heads": vit_heads,
-            "mlp_ratio": 4.9231,
-            "output_dim": hidden_size,
-            "n_queries": 256,
-            "image_start_id": 151857,
-        },
-    }
+        intermediate_size=intermediate_size,
+    )
+    config["visual"].update(
+        image_size=image_size,
+        width=vit_width,
+        layers=vit_layers,
+        heads=vit_heads,
+        output_dim=hidden_size,
+    )
+    return config
 
 
+# `qwen_vl_config` arguments of each configuration.
 CONFIGS = {
     # 1376-wide MLP matrices (Qwen-7B's ratio), 16 x 16 patches.
-    "small": qwen_vl_config(512, 8, 8, 2752, 256, 6, 4, 224),
+    "small": (512, 8, 8, 2752, 256, 6, 4, 224),
     # 2816-wide MLP matrices, 32 x 32 = 1,024 patches.
-    "base": qwen_vl_config(1024, 12, 16, 5632, 512, 12, 8, 448),
+    "base": (1024, 12, 16, 5632, 512, 12, 8, 448),
 }
 REFERENCE_CONFIG = "small"  # PaliGemma is measured at these sizes.
 
@@ -280,7 +274,7 @@ class QwenVLWorkload:
     after 10 text tokens, random pixels, random text ids."""
 
     def __init__(self, config_name):
-        self.config = CONFIGS[config_name]
+        self.config = qwen_vl_config(*CONFIGS[config_name])
         self.image_size = self.config["visual"]["image_size"]
         self.rng = np.random.default_rng(0)
 
