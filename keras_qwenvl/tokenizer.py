@@ -99,16 +99,42 @@ _BYTE_TO_CHAR = _byte_level_alphabet()
 _CHAR_TO_BYTE = {char: byte for byte, char in enumerate(_BYTE_TO_CHAR)}
 
 
-def write_byte_level_vocabulary(path):
-    """Writes a `qwen.tiktoken`-format file whose 256 ranks are the single
-    bytes (rank = byte value), so the special tokens take ids 256 and up.
+def write_byte_level_vocabulary(path, words=()):
+    """Writes a `qwen.tiktoken`-format file whose first 256 ranks are the
+    single bytes (rank = byte value), so a vocabulary with no `words` gives
+    the special tokens ids 256 and up.
 
     A vocabulary that needs no download, for demos and models trained from
-    scratch; text tokenizes to one id per UTF-8 byte.
+    scratch; text tokenizes to one id per UTF-8 byte, except `words`: each
+    word, alone and after a space, becomes one token through byte-pair
+    merges of its prefixes (ranks after the bytes, shorter prefixes first,
+    as byte-level BPE requires). A small model trained from scratch learns
+    much faster when the words its task turns on (colours, shapes, the words
+    it reads) are single tokens rather than 4-8 bytes each.
+
+    Args:
+        path: the file to write.
+        words: words (letters only, e.g. `["red", "circle"]`) to make
+            single tokens.
+
+    Returns:
+        `path`.
     """
+    pieces = set()
+    for word in words:
+        if not word or not all(c.isalpha() for c in word):
+            raise ValueError(
+                f"`words` must be non-empty words of letters; got {word!r}."
+            )
+        for text in (word, " " + word):
+            encoded = text.encode("utf-8")
+            pieces.update(encoded[:end] for end in range(2, len(encoded) + 1))
+    merges = sorted(pieces, key=lambda piece: (len(piece), piece))
     with open(path, "wb") as file:
         for byte in range(256):
             file.write(base64.b64encode(bytes([byte])) + b" %d\n" % byte)
+        for rank, piece in enumerate(merges, start=256):
+            file.write(base64.b64encode(piece) + b" %d\n" % rank)
     return path
 
 

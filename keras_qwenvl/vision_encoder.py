@@ -13,6 +13,7 @@ from keras_hub.src.utils.keras_utils import clone_initializer
 
 from keras_qwenvl.adapter import QwenVLAdapter
 from keras_qwenvl.adapter import QwenVLMultiHeadAttention
+from keras_qwenvl.initializers import projection_initializer
 from keras_qwenvl.position_tables import resize_position_table
 
 # The checkpoint's learned ViT position table is always 16 x 16
@@ -186,6 +187,13 @@ class QwenVLVisionEncoder(keras.layers.Layer):
             strides=patch_size,
             use_bias=False,
             data_format="channels_last",
+            # Each patch is one input vector of patch*patch*3 values: draw
+            # the kernel as that matrix (Keras' convolution fans would count
+            # the patch area in fan_out and start it ~patch_size times too
+            # small, so that Adam's first steps scramble it).
+            kernel_initializer=projection_initializer(
+                "glorot_uniform", patch_size * patch_size * 3, width
+            ),
             name="patch_embedding",
             dtype=policy,
         )

@@ -538,10 +538,16 @@ def test_fresh_weights_are_distinct_and_projections_scaled_as_matrices():
         elif path.endswith("attention_output/kernel"):
             heads, head_dim, fan_out = kernel.shape
             fan_in = heads * head_dim
+        elif path.endswith("patch_embedding/kernel"):
+            # A patch is one (patch * patch * 3)-vector, not a sliding
+            # convolution window.
+            *patch, fan_out = kernel.shape
+            fan_in = int(np.prod(patch))
         else:
             continue
         glorot_std = np.sqrt(2.0 / (fan_in + fan_out))
         np.testing.assert_allclose(np.std(kernel), glorot_std, rtol=0.15)
         checked += 1
-    # Four projections in each of 2 ViT, 1 adapter and 2 decoder layers.
-    assert checked == 20
+    # Four projections in each of 2 ViT, 1 adapter and 2 decoder layers, and
+    # the patch embedding.
+    assert checked == 21

@@ -317,3 +317,51 @@ def test_without_vocabulary():
         tok.detokenize([1])
     with pytest.raises(ValueError, match="No vocabulary has been set"):
         tok.vocabulary_size()
+
+
+def test_byte_level_vocabulary_with_words(tmp_path):
+    from keras_qwenvl.data.synthetic import SyntheticConfig
+    from keras_qwenvl.data.synthetic import synthetic_examples
+    from keras_qwenvl.data.synthetic import vocabulary_words
+    from keras_qwenvl.tokenizer import write_byte_level_vocabulary
+
+    plain = QwenVLTokenizer(
+        write_byte_level_vocabulary(str(tmp_path / "plain.tiktoken"))
+    )
+    words = ["red", "circle", "cross", "read", "a"]
+    merged = QwenVLTokenizer(
+        write_byte_level_vocabulary(str(tmp_path / "w.tiktoken"), words)
+    )
+    # Each word, alone or after a space, is one token; other text is bytes.
+    for word in words:
+        for text in (word, " " + word):
+            ids = merged.tokenize(text)
+            assert len(ids) == 1 and merged.detokenize(ids) == text
+    text = "a red crossing, circles: (12,345)"
+    ids = merged.tokenize(text)
+    assert merged.detokenize(ids) == text
+    pieces = [merged.detokenize([i]) for i in ids]
+    assert pieces[:3] == ["a", " red", " cross"]
+    assert "ing" not in pieces and " circle" in pieces and "s" in pieces
+    assert plain.tokenize(text) == list(text.encode())
+    # Specials follow the ranks: 256 bytes, then every prefix piece.
+    assert plain.end_token_id == 256
+    assert merged.end_token_id > 256 + len(words)
+    assert merged.detokenize(merged.tokenize("<ref>red</ref>")) == (
+        "<ref>red</ref>"
+    )
+    with pytest.raises(ValueError, match="words of letters"):
+        write_byte_level_vocabulary(str(tmp_path / "x"), ["two words"])
+    # The synthetic data's words are single tokens of its vocabulary, so a
+    # caption is one token per word.
+    config = SyntheticConfig()
+    vocabulary = vocabulary_words(config)
+    assert set(config.colors) | set(config.shapes) <= set(vocabulary)
+    synthetic = QwenVLTokenizer(
+        write_byte_level_vocabulary(str(tmp_path / "s.tiktoken"), vocabulary)
+    )
+    example = synthetic_examples("caption", 1, seed=2)[0]
+    caption = example["meta"]["caption"]
+    assert len(synthetic.tokenize(caption)) == len(
+        caption.replace(",", " ,").split()
+    )

@@ -6,7 +6,8 @@
 - `readers`: the original fine-tuning JSON and in-memory examples,
   validated when read; bad samples raise an error naming them or are
   skipped and counted in a `ReadReport`.
-- `synthetic`: built-in synthetic shapes, rendered words and chats.
+- `synthetic`: built-in synthetic shapes, rendered words and chats, and
+  `vocabulary_words` for a byte-level vocabulary with their words merged.
 - `packing`: same-task samples packed into fixed-length rows with segment
   ids, so that no attention crosses a sample boundary.
 - `loader`: `QwenVLDataLoader`, Grain batches of static shape for `fit()`,
@@ -43,6 +44,7 @@ from keras_qwenvl.data.synthetic import SyntheticConfig
 from keras_qwenvl.data.synthetic import SyntheticSource
 from keras_qwenvl.data.synthetic import synthetic_examples
 from keras_qwenvl.data.synthetic import synthetic_mixture
+from keras_qwenvl.data.synthetic import vocabulary_words
 from keras_qwenvl.data.tfds_sources import TfdsMapping
 from keras_qwenvl.data.tfds_sources import coco_caption_examples
 from keras_qwenvl.data.tfds_sources import ref_coco_examples
@@ -74,6 +76,7 @@ __all__ = [
     "split_batch",
     "synthetic_examples",
     "synthetic_mixture",
+    "vocabulary_words",
     "tasks",
     "tfds_examples",
     "tfds_sources",

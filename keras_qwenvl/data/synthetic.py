@@ -36,6 +36,7 @@ learns them on CPU in minutes; `SyntheticConfig` changes them.
 import dataclasses
 import functools
 import math
+import re
 
 import numpy as np
 import PIL.Image
@@ -548,6 +549,39 @@ def _make_example(task, rng, config):
         }
     example["meta"] = meta
     return example
+
+
+# Fixed texts of the tasks above, for `vocabulary_words`.
+_TEMPLATES = (
+    task_formats.CAPTION_INSTRUCTION,
+    task_formats.GROUNDED_CAPTION_INSTRUCTION,
+    task_formats.OCR_INSTRUCTION,
+    task_formats.VQA_ANSWER_CUE,
+    "a, b and the c",
+    "How many shapes are there? What color is the shape? What shape is "
+    "the color object? Is there a shape? yes no",
+    "What is written in the picture? Read the text with its positions. "
+    "Describe the picture. Where is the thing?",
+    "Picture 1:",
+)
+
+
+def vocabulary_words(config=None):
+    """Every word the synthetic texts use, for a byte-level vocabulary whose
+    words are single tokens (`write_byte_level_vocabulary(path, words)`).
+
+    Args:
+        config: a `SyntheticConfig` (its colours, shapes and OCR words);
+            defaults to `SyntheticConfig()`.
+
+    Returns:
+        A sorted list of distinct words (letters only).
+    """
+    config = config or SyntheticConfig()
+    words = set(config.colors) | set(config.shapes) | set(config.words)
+    for text in _TEMPLATES:
+        words.update(re.findall(r"[A-Za-z]+", text))
+    return sorted(words)
 
 
 class SyntheticSource:
