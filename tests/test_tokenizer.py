@@ -365,3 +365,16 @@ def test_byte_level_vocabulary_with_words(tmp_path):
     assert len(synthetic.tokenize(caption)) == len(
         caption.replace(",", " ,").split()
     )
+    # Every word of every task's texts is in the list.
+    from keras_qwenvl.data.synthetic import TASKS
+
+    used = set()
+    for task in TASKS:
+        for example in synthetic_examples(task, 12, seed=3, image_size=64):
+            turns = example.get("conversations", [])
+            texts = [t["value"] for t in turns] + [
+                example.get(key, "") for key in ("prompts", "responses")
+            ]
+            for text in texts:
+                used.update(re.findall(r"[A-Za-z]+", re.sub("<[^>]*>", " ", text)))
+    assert used and used <= set(vocabulary), used - set(vocabulary)

@@ -427,6 +427,19 @@ def _grounded_parts(objects):
     return parts
 
 
+# The questions of VQA and chat examples.
+QUESTIONS = {
+    "count": "How many shapes are there?",
+    "color": "What color is the {shape}?",
+    "shape": "What shape is the {color} object?",
+    "exists": "Is there a {color} {shape}?",
+    "read": "What is written in the picture?",
+    "read_with_positions": "Read the text with its positions.",
+    "describe": "Describe the picture.",
+    "where": "Where is {phrase}?",
+}
+
+
 def _vqa(rng, objects, config):
     """A question about a shapes image and its answer."""
     shape_counts = {}
@@ -441,17 +454,17 @@ def _vqa(rng, objects, config):
         kinds.append("shape")
     kind = kinds[int(rng.integers(len(kinds)))]
     if kind == "count":
-        return "How many shapes are there?", str(len(objects))
+        return QUESTIONS["count"], str(len(objects))
     if kind == "color":
         unique = sorted(s for s, n in shape_counts.items() if n == 1)
         shape = unique[int(rng.integers(len(unique)))]
         color = next(o["color"] for o in objects if o["shape"] == shape)
-        return f"What color is the {shape}?", color
+        return QUESTIONS["color"].format(shape=shape), color
     if kind == "shape":
         unique = sorted(c for c, n in color_counts.items() if n == 1)
         color = unique[int(rng.integers(len(unique)))]
         shape = next(o["shape"] for o in objects if o["color"] == color)
-        return f"What shape is the {color} object?", shape
+        return QUESTIONS["shape"].format(color=color), shape
     present = {(o["color"], o["shape"]) for o in objects}
     if rng.random() < 0.5:
         color, shape = sorted(present)[int(rng.integers(len(present)))]
@@ -465,16 +478,16 @@ def _vqa(rng, objects, config):
         ]
         color, shape = absent[int(rng.integers(len(absent)))]
         answer = "no"
-    return f"Is there a {color} {shape}?", answer
+    return QUESTIONS["exists"].format(color=color, shape=shape), answer
 
 
 def _chat(rng, image, meta, config):
     """A conversation of 2-3 turns about one image, first turn numbered."""
     if "words" in meta:
         turns = [
-            ("What is written in the picture?", " ".join(meta["words"])),
+            (QUESTIONS["read"], " ".join(meta["words"])),
             (
-                "Read the text with its positions.",
+                QUESTIONS["read_with_positions"],
                 task_formats.ocr_example(
                     image, list(zip(meta["words"], meta["quads"]))
                 )["responses"].strip(),
@@ -482,12 +495,12 @@ def _chat(rng, image, meta, config):
         ]
     else:
         objects = meta["objects"]
-        turns = [("Describe the picture.", caption_text(objects))]
+        turns = [(QUESTIONS["describe"], caption_text(objects))]
         for obj in objects:
             phrase = f"the {_phrase(obj)}"
             box = task_formats.grounding_example(image, phrase, obj["box"])
             answer = f"<ref>{phrase}</ref>{box['responses']}"
-            turns.append((f"Where is {phrase}?", answer))
+            turns.append((QUESTIONS["where"].format(phrase=phrase), answer))
         turns.append(_vqa(rng, objects, config))
     count = int(rng.integers(2, 4))
     order = rng.permutation(len(turns))[:count]
@@ -551,21 +564,6 @@ def _make_example(task, rng, config):
     return example
 
 
-# Fixed texts of the tasks above, for `vocabulary_words`.
-_TEMPLATES = (
-    task_formats.CAPTION_INSTRUCTION,
-    task_formats.GROUNDED_CAPTION_INSTRUCTION,
-    task_formats.OCR_INSTRUCTION,
-    task_formats.VQA_ANSWER_CUE,
-    "a, b and the c",
-    "How many shapes are there? What color is the shape? What shape is "
-    "the color object? Is there a shape? yes no",
-    "What is written in the picture? Read the text with its positions. "
-    "Describe the picture. Where is the thing?",
-    "Picture 1:",
-)
-
-
 def vocabulary_words(config=None):
     """Every word the synthetic texts use, for a byte-level vocabulary whose
     words are single tokens (`write_byte_level_vocabulary(path, words)`).
@@ -579,7 +577,18 @@ def vocabulary_words(config=None):
     """
     config = config or SyntheticConfig()
     words = set(config.colors) | set(config.shapes) | set(config.words)
-    for text in _TEMPLATES:
+    texts = [
+        task_formats.CAPTION_INSTRUCTION,
+        task_formats.GROUNDED_CAPTION_INSTRUCTION,
+        task_formats.OCR_INSTRUCTION,
+        task_formats.VQA_ANSWER_CUE,
+        chat_format.format_pictures([None]),
+        # Captions, phrases and answers beyond the config's words.
+        "a, a and the yes no",
+        *QUESTIONS.values(),
+    ]
+    for text in texts:
+        text = re.sub(r"<[^>]*>", " ", text)  # not the special tokens
         words.update(re.findall(r"[A-Za-z]+", text))
     return sorted(words)
 
