@@ -86,11 +86,10 @@ def build_model(settings, vocabulary_dir):
     from keras_qwenvl import QwenVLImageConverter
     from keras_qwenvl import QwenVLTokenizer
     from keras_qwenvl import QwenVLVisionEncoder
+    from keras_qwenvl.data.synthetic import vocabulary_words
     from keras_qwenvl.tokenizer import write_byte_level_vocabulary
 
     keras.utils.set_random_seed(settings.seed)
-    from keras_qwenvl.data.synthetic import vocabulary_words
-
     vocabulary = write_byte_level_vocabulary(
         os.path.join(vocabulary_dir, "qwen.tiktoken"),
         words=vocabulary_words() if settings.word_tokens else (),
