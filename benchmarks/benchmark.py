@@ -7,7 +7,9 @@ One run measures, for each backend (each in its own subprocess with
 - prefill, tokens/s over 2 x 512 tokens with one image each and logits at
   every position;
 - a training step (AdamW, every weight trainable) on the same batch, tokens/s
-  and the peak resident memory of the process;
+  and the peak resident memory of the process; the loss is on the labels
+  outside the image span, and Qwen-VL computes logits only there (as
+  PaliGemma does, whose image positions precede the text);
 - greedy generation after a 300-token prompt with one image: decoding
   tokens/s at batch 1 and 8 and the time to the first token;
 - on "small", decoding at batch 1 in float32, bfloat16 and int8
@@ -96,6 +98,8 @@ REFERENCE_CONFIG = "small"  # PaliGemma is measured at these sizes.
 
 VISION_BATCH = 4
 PREFILL_ROWS, PREFILL_LENGTH = 2, 512
+# Logit slots per row in training: the 252 labels outside the image span.
+TRAINING_LOSS_POSITIONS = 256
 PROMPT_LENGTH = 300
 GENERATE_BATCHES = (1, 8)
 TEXT_IDS = 151643  # ordinary (non-special) token ids are below this
@@ -323,6 +327,22 @@ class QwenVLWorkload:
     def flops(self, positions, logits_at):
         return qwen_vl_flops(self.config, positions, logits_at)
 
+    def training_batch(self):
+        """`training_batch` with loss only on labels outside the image span
+        (the preprocessor's rule), gathered into `TRAINING_LOSS_POSITIONS`
+        slots per row: the model computes logits only there."""
+        from keras_qwenvl import select_loss_positions
+
+        x, y, _ = training_batch(self)
+        start = self.config["visual"]["image_start_id"]
+        ids = x["token_ids"]
+        in_span = (ids >= start) & (ids <= start + 2)
+        weights = ~in_span & ~np.roll(in_span, -1, axis=1)
+        weights[:, -1] = False  # its label would wrap around
+        return select_loss_positions(
+            x, y, weights.astype("float32"), TRAINING_LOSS_POSITIONS
+        )
+
     def decode_bytes(self, causal_lm):
         """Weights read per decoding step: decoder blocks, final norm and
         lm_head (not the input embedding, of which one row is read)."""
@@ -376,6 +396,10 @@ class PaliGemmaWorkload(QwenVLWorkload):
 
     def flops(self, positions, logits_at):
         return paligemma_flops(self.config, positions, logits_at)
+
+    def training_batch(self):
+        """Its logits are only at the text positions already."""
+        return training_batch(self)
 
     def decode_bytes(self, causal_lm):
         backbone = causal_lm.backbone
@@ -435,7 +459,7 @@ def measure_training(workload, causal_lm, repeats):
         weighted_metrics=[],
         sampler="greedy",
     )
-    x, y, weights = training_batch(workload)
+    x, y, weights = workload.training_batch()
     seconds = median_seconds(
         lambda: causal_lm.train_on_batch(x, y, sample_weight=weights), repeats
     )

@@ -16,6 +16,7 @@ from keras_qwenvl.boxes import normalize_box
 from keras_qwenvl.boxes import parse_grounding
 from keras_qwenvl.causal_lm import QwenVLCausalLM
 from keras_qwenvl.causal_lm_preprocessor import QwenVLCausalLMPreprocessor
+from keras_qwenvl.causal_lm_preprocessor import select_loss_positions
 from keras_qwenvl.chat_format import build_chat_prompt
 from keras_qwenvl.decoder import QwenVLDecoderBlock
 from keras_qwenvl import evaluation
@@ -48,6 +49,7 @@ __all__ = [
     "format_ref",
     "normalize_box",
     "parse_grounding",
+    "select_loss_positions",
     "training",
     "visualize",
 ]

@@ -69,6 +69,24 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             self.backbone.fill_images(inputs), *args, **kwargs
         )
 
+    def call(self, inputs, training=None, mask=None):
+        """Logits at every position, or with `inputs["loss_positions"]`
+        (b, k) only at those positions: (b, k, vocabulary_size). Training
+        needs logits only where labels carry loss, and the lm_head is most
+        of the model's work at the vocabulary's size."""
+        if not (isinstance(inputs, dict) and "loss_positions" in inputs):
+            return super().call(inputs, training=training, mask=mask)
+        inputs = dict(inputs)
+        positions = ops.cast(inputs.pop("loss_positions"), "int32")
+        hidden_states = self.backbone(inputs, training=training)
+        batch_size, count = ops.shape(positions)
+        index = ops.broadcast_to(
+            ops.expand_dims(positions, -1),
+            (batch_size, count, ops.shape(hidden_states)[-1]),
+        )
+        hidden_states = ops.take_along_axis(hidden_states, index, axis=1)
+        return self.backbone.token_embedding(hidden_states, reverse=True)
+
     def compile(
         self,
         optimizer="auto",

@@ -74,6 +74,13 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
         image_dir: folder for relative image paths (in tags or passed as
             strings), or `None`.
         system_prompt: the system turn of ChatML conversations.
+        num_loss_positions: `None` (labels at every position), or an int k:
+            each row's labels that carry loss are gathered into k slots, and
+            `x["loss_positions"]` (b, k) tells `QwenVLCausalLM` to compute
+            logits only there (see `select_loss_positions`). Training then
+            skips the lm_head on image spans, prompts and padding, which at
+            Qwen's vocabulary is most of the model's work. A row with more
+            than k such labels is an error.
 
     Call arguments:
         x: the inputs, as above.
@@ -124,6 +131,7 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
         add_end_token=True,
         image_dir=None,
         system_prompt=chat_format.DEFAULT_SYSTEM_PROMPT,
+        num_loss_positions=None,
         **kwargs,
     ):
         super().__init__(
@@ -136,6 +144,15 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
         self.image_converter = image_converter
         self.image_dir = image_dir
         self.system_prompt = system_prompt
+        if num_loss_positions is not None and not (
+            isinstance(num_loss_positions, (int, np.integer))
+            and 0 < num_loss_positions
+        ):
+            raise ValueError(
+                "`num_loss_positions` must be None or a positive int. "
+                f"Received: {num_loss_positions!r}"
+            )
+        self.num_loss_positions = num_loss_positions
 
     def build(self, input_shape):
         # Packing is done here in numpy; there is no packer layer to build.
@@ -351,6 +368,12 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
                 "weights from `x`; `y` and `sample_weight` must be `None`. "
                 f"Received: y={y!r}, sample_weight={sample_weight!r}"
             )
+        return self._call(x, sequence_length, image_dir)
+
+    def _call(self, x, sequence_length=None, image_dir=None, select=True):
+        """`call` without its argument checks; `select=False` keeps labels
+        at every position (the data loader selects per batch, after
+        packing)."""
         sequence_length = sequence_length or self.sequence_length
         image_dir = image_dir or self.image_dir
         samples, batched = self._samples(x)
@@ -389,6 +412,10 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
         if "images" in packed:
             x["images"] = packed["images"]
         y = token_ids[:, 1:]
+        if select and self.num_loss_positions is not None:
+            x, y, sample_weight = select_loss_positions(
+                x, y, sample_weight, self.num_loss_positions
+            )
         if not batched:
             x = {key: value[0] for key, value in x.items()}
             y, sample_weight = y[0], sample_weight[0]
@@ -485,9 +512,63 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
             {
                 "image_dir": self.image_dir,
                 "system_prompt": self.system_prompt,
+                "num_loss_positions": self.num_loss_positions,
             }
         )
         return config
+
+
+def select_loss_positions(x, y, sample_weight, num_positions):
+    """Gather each row's labels that carry loss into `num_positions` slots.
+
+    For `QwenVLCausalLM`, which computes logits only at
+    `x["loss_positions"]` when that input is present. Slots past a row's
+    last such label point at position 0 with weight 0. The weights are
+    scaled by k / t (k = `num_positions`, t the row length), so that Keras'
+    default loss reduction, which divides the weighted sum by the number of
+    labels, gives the same loss (and gradients) as on all b * t labels;
+    weighted metrics do not depend on the scale.
+
+    Args:
+        x: a dict with `token_ids` (b, t) and the other model inputs.
+        y: the labels, (b, t).
+        sample_weight: (b, t); labels with weight 0 carry no loss.
+        num_positions: k, at least the largest count of weighted labels of
+            a row.
+
+    Returns:
+        `(x, y, sample_weight)` with `x["loss_positions"]` (b, k) int32 and
+        `y`, `sample_weight` of shape (b, k).
+
+    Raises:
+        ValueError: when a row has more than k labels that carry loss.
+    """
+    y = np.asarray(y)
+    sample_weight = np.asarray(sample_weight, dtype="float32")
+    if y.ndim != 2 or sample_weight.shape != y.shape:
+        raise ValueError(
+            "`y` and `sample_weight` must both have shape (batch, length). "
+            f"Received: {y.shape} and {sample_weight.shape}"
+        )
+    rows, length = y.shape
+    counts = np.count_nonzero(sample_weight, axis=1)
+    if counts.size and counts.max() > num_positions:
+        row = int(np.argmax(counts))
+        raise ValueError(
+            f"Row {row} has {int(counts[row])} labels that carry loss, more "
+            f"than `num_loss_positions` = {num_positions}; raise it (at most "
+            f"the sequence length, {length}) so that no label is dropped."
+        )
+    positions = np.zeros((rows, num_positions), "int32")
+    weights = np.zeros((rows, num_positions), "float32")
+    for row in range(rows):
+        kept = np.flatnonzero(sample_weight[row])
+        positions[row, : len(kept)] = kept
+        weights[row, : len(kept)] = sample_weight[row, kept]
+    labels = np.take_along_axis(y, positions, axis=1)
+    labels = np.where(weights > 0, labels, 0).astype(y.dtype)
+    weights *= num_positions / length
+    return {**x, "loss_positions": positions}, labels, weights
 
 
 def _text_batch(value, name):

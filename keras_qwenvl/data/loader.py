@@ -13,6 +13,11 @@ batches them as `(x, y, sample_weight)` with static shapes:
 - `y`: int32 `(batch, sequence_length)`;
 - `sample_weight`: float32 `(batch, sequence_length)`.
 
+When the preprocessor has `num_loss_positions` = k, each batch's labels
+that carry loss are then gathered (`select_loss_positions`): `y` and
+`sample_weight` are `(batch, k)` and `x["loss_positions"]` int32
+`(batch, k)`, so that the model computes logits only there.
+
 Fixed shapes mean one compiled training step for the whole run. The
 pipeline is built on Grain: preprocessing runs in `num_workers` worker
 processes (`mp_prefetch`), so the model is not kept waiting by tokenizing
@@ -36,6 +41,7 @@ import numpy as np
 from absl import flags
 from keras_hub.src.utils.tensor_utils import no_convert_scope
 
+from keras_qwenvl.causal_lm_preprocessor import select_loss_positions
 from keras_qwenvl.data import readers
 from keras_qwenvl.data.packing import PackingStats
 from keras_qwenvl.data.packing import RowPacker
@@ -222,8 +228,8 @@ class _Preprocess:
             # `call` rather than `__call__`, whose error wrapping would
             # bury the preprocessor's message in a call report.
             with no_convert_scope():
-                x, y, sample_weight = self.preprocessor.call(
-                    inputs, sequence_length=self.sequence_length
+                x, y, sample_weight = self.preprocessor._call(
+                    inputs, sequence_length=self.sequence_length, select=False
                 )
         except FileNotFoundError as error:
             raise readers.BadSampleError(
@@ -320,6 +326,16 @@ class _Observe:
         )
         self.stats.image_slots += segments.shape[0] * self.max_images
         return batch
+
+
+class _SelectLossPositions:
+    """Labels that carry loss -> `num_positions` slots per row."""
+
+    def __init__(self, num_positions):
+        self.num_positions = num_positions
+
+    def __call__(self, batch):
+        return select_loss_positions(*batch, self.num_positions)
 
 
 class QwenVLDataLoader:
@@ -452,6 +468,9 @@ class QwenVLDataLoader:
         self.drop_remainder = bool(drop_remainder)
         self.num_workers = int(num_workers)
         self.image_dir = image_dir
+        self.num_loss_positions = getattr(
+            preprocessor, "num_loss_positions", None
+        )
         self.stats = PackingStats()
         self._read_options = grain.ReadOptions(
             num_threads=1, prefetch_buffer_size=_READ_AHEAD
@@ -539,6 +558,8 @@ class QwenVLDataLoader:
                 self.stats, tokenizer.image_start_token_id, self.max_images
             )
         )
+        if self.num_loss_positions is not None:
+            ds = ds.map(_SelectLossPositions(self.num_loss_positions))
         ds._qwenvl_batches = True  # read by `fit_loader`
         return ds
 
@@ -560,9 +581,13 @@ class QwenVLDataLoader:
             x["images"] = tf.TensorSpec(
                 (batch, self.max_images) + self.image_shape, "float32"
             )
-        weights = tf.TensorSpec((batch, self.sequence_length), "float32")
+        labels = self.num_loss_positions or self.sequence_length
+        if self.num_loss_positions is not None:
+            x["loss_positions"] = tf.TensorSpec((batch, labels), "int32")
+        weights = tf.TensorSpec((batch, labels), "float32")
+        y = tf.TensorSpec((batch, labels), "int32")
         return tf.data.Dataset.from_generator(
-            lambda: iter(self.dataset()), output_signature=(x, row, weights)
+            lambda: iter(self.dataset()), output_signature=(x, y, weights)
         ).prefetch(tf.data.AUTOTUNE)
 
 
