@@ -79,14 +79,20 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
         q = self.query(query)
         k = self.key(key)
         v = self.value(value)
-        scores = ops.einsum("btnh,bsnh->bnts", q, k)
-        scores = ops.cast(scores, "float32") * (1.0 / math.sqrt(self.head_dim))
+        # Heads first: (b, n, t, h), so that both products are batched
+        # over leading dimensions; the scale goes on the smaller operand.
+        q = ops.transpose(q, (0, 2, 1, 3))
+        q = q * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
+        k = ops.transpose(k, (0, 2, 1, 3))
+        v = ops.transpose(v, (0, 2, 1, 3))
+        scores = ops.cast(ops.einsum("bnth,bnsh->bnts", q, k), "float32")
         if attention_mask is not None:
             scores = ops.where(
                 attention_mask[None, None], scores, ops.full_like(scores, -1e30)
             )
         probs = ops.cast(ops.softmax(scores, axis=-1), v.dtype)
-        return self.attention_output(ops.einsum("bnts,bsnh->btnh", probs, v))
+        out = ops.einsum("bnts,bnsh->bnth", probs, v)
+        return self.attention_output(ops.transpose(out, (0, 2, 1, 3)))
 
     def get_config(self):
         config = super().get_config()
