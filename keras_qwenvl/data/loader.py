@@ -225,8 +225,10 @@ class _Preprocess:
                 key: example[key] for key in ("prompts", "responses", "images")
             }
         try:
-            # `call` rather than `__call__`, whose error wrapping would
-            # bury the preprocessor's message in a call report.
+            # `_call` (`call`'s body; labels stay at every position until
+            # the batch is selected) rather than `__call__`, whose error
+            # wrapping would bury the preprocessor's message in a call
+            # report.
             with no_convert_scope():
                 x, y, sample_weight = self.preprocessor._call(
                     inputs, sequence_length=self.sequence_length, select=False
