@@ -1,8 +1,8 @@
 """How fast does a from-scratch vision encoder learn the demo's shapes?
 
-Trains the main job's vision encoder (`examples/train_synthetic.py`
-settings: 112-pixel images, 14-pixel patches, width 128, 4 blocks, 36
-adapter queries) directly on one question, the kind of the single shape in
+Trains the main job's vision encoder (built by `examples/train_synthetic.py`
+with its default settings: 112-pixel images, 14-pixel patches, width 128,
+4 blocks, 36 adapter queries) directly on one question, the kind of the single shape in
 a synthetic image (four kinds, chance 0.25), with a dense layer on the
 mean of its output tokens, and prints the held-out accuracy after every
 epoch. `--through` picks where the dense layer reads:
@@ -22,6 +22,8 @@ of 500 steps, about 100 s each):
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -47,24 +49,18 @@ def main(argv=None):
     from keras import ops
 
     from keras_qwenvl import QwenVLImageConverter
-    from keras_qwenvl import QwenVLVisionEncoder
     from keras_qwenvl.data.synthetic import DEFAULT_SHAPES
     from keras_qwenvl.data.synthetic import synthetic_examples
     from keras_qwenvl.position_tables import resize_position_table
 
-    keras.utils.set_random_seed(args.seed)
-    size = 112
-    encoder = QwenVLVisionEncoder(
-        image_size=size,
-        patch_size=14,
-        width=128,
-        num_layers=4,
-        num_heads=4,
-        intermediate_dim=512,
-        output_dim=256,
-        num_queries=36,
-        adapter_head_dim=64,
-    )
+    # The main job's model, built by the main job's own code.
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    import train_synthetic
+
+    settings = train_synthetic.Settings(seed=args.seed)
+    size = settings.image_size
+    model = train_synthetic.build_model(settings, tempfile.mkdtemp())
+    encoder = model.backbone.vision_encoder
     held_out = 512
     examples = synthetic_examples(
         "caption",
