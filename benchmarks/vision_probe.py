@@ -48,7 +48,6 @@ def main(argv=None):
     import numpy as np
     from keras import ops
 
-    from keras_qwenvl import QwenVLImageConverter
     from keras_qwenvl.data.synthetic import DEFAULT_SHAPES
     from keras_qwenvl.data.synthetic import synthetic_examples
     from keras_qwenvl.position_tables import resize_position_table
@@ -71,7 +70,7 @@ def main(argv=None):
         object_size=tuple(args.object_size),
     )
     pixels = np.asarray(
-        QwenVLImageConverter(image_size=(size, size))(
+        model.preprocessor.image_converter(
             np.stack([e["images"][0] for e in examples])
         )
     )
