@@ -46,11 +46,9 @@ def main(argv=None):
 
     import keras
     import numpy as np
-    from keras import ops
 
     from keras_qwenvl.data.synthetic import DEFAULT_SHAPES
     from keras_qwenvl.data.synthetic import synthetic_examples
-    from keras_qwenvl.position_tables import resize_position_table
 
     # The main job's model, built by the main job's own code.
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
@@ -86,16 +84,10 @@ def main(argv=None):
             self.encoder = encoder
 
         def call(self, images):
-            e = self.encoder
             if args.through == "encoder":
-                return e(images)
-            x = e.patch_embedding(images)
-            x = ops.reshape(x, (-1, e.grid_size**2, e.width))
-            positions = resize_position_table(e.position_embedding, e.grid_size)
-            x = e.ln_pre(x + positions[None])
-            for block in e.vision_layers:
-                x = block(x)
-            return x if args.through == "vit" else e.adapter(x)
+                return self.encoder(images)
+            x = self.encoder.patch_features(images)
+            return x if args.through == "vit" else self.encoder.adapter(x)
 
     inputs = keras.Input((size, size, 3))
     pooled = keras.layers.GlobalAveragePooling1D()(Features(encoder)(inputs))

@@ -265,6 +265,12 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 features,
                 (batch, slots, self.num_queries, self.output_dim),
             )
+        x = self.adapter(self.patch_features(pixels))
+        return self.proj(self.ln_post(x))
+
+    def patch_features(self, pixels):
+        """The ViT's output before the adapter: (n, S, S, 3) ->
+        (n, grid * grid, width)."""
         x = self.patch_embedding(ops.cast(pixels, self.compute_dtype))
         x = ops.reshape(x, (-1, self.grid_size**2, self.width))
         positions = resize_position_table(self.position_embedding, self.grid_size)
@@ -280,8 +286,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 and i not in self.global_attention_layers
             )
             x = layer(x, attention_mask=window_mask if windowed else None)
-        x = self.adapter(x)
-        return self.proj(self.ln_post(x))
+        return x
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-3]) + (self.num_queries, self.output_dim)
