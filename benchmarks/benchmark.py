@@ -277,12 +277,13 @@ class QwenVLWorkload:
     """keras_qwenvl's model and inputs: one `<img>` span of 256 positions
     after 10 text tokens, random pixels, random text ids."""
 
-    def __init__(self, config_name):
-        self.config = qwen_vl_config(*CONFIGS[config_name])
+    def __init__(self, config_name=None, config=None):
+        """`config_name` from `CONFIGS`, or a published-style `config`."""
+        self.config = config or qwen_vl_config(*CONFIGS[config_name])
         self.image_size = self.config["visual"]["image_size"]
         self.rng = np.random.default_rng(0)
 
-    def build(self, dtype=None):
+    def build(self, dtype=None, **backbone_arguments):
         import keras
 
         from keras_qwenvl import QwenVLBackbone
@@ -291,7 +292,8 @@ class QwenVLWorkload:
 
         keras.utils.set_random_seed(0)
         backbone = QwenVLBackbone(
-            **convert_backbone_config(self.config, dtype=dtype)
+            **convert_backbone_config(self.config, dtype=dtype),
+            **backbone_arguments,
         )
         return QwenVLCausalLM(backbone)
 

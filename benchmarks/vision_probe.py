@@ -1,9 +1,9 @@
 """How fast does a from-scratch vision encoder learn the demo's shapes?
 
-Trains the main job's vision encoder (built by `examples/train_synthetic.py`
-with its default settings: 112-pixel images, 14-pixel patches, width 128,
-4 blocks, 36 adapter queries) directly on one question, the kind of the single shape in
-a synthetic image (four kinds, chance 0.25), with a dense layer on the
+Trains the main job's vision encoder (built by the main job's own code,
+`keras_qwenvl.demo.synthetic`, with its default settings: 112-pixel images,
+14-pixel patches, width 128, 4 blocks, 36 adapter queries) directly on one
+question, the kind of the single shape in a synthetic image (four kinds, chance 0.25), with a dense layer on the
 mean of its output tokens, and prints the held-out accuracy after every
 epoch. `--through` picks where the dense layer reads:
 
@@ -22,7 +22,6 @@ of 500 steps, about 100 s each):
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -51,8 +50,7 @@ def main(argv=None):
     from keras_qwenvl.data.synthetic import synthetic_examples
 
     # The main job's model, built by the main job's own code.
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-    import train_synthetic
+    from keras_qwenvl.demo import synthetic as train_synthetic
 
     settings = train_synthetic.Settings(seed=args.seed)
     size = settings.image_size

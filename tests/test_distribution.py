@@ -158,6 +158,40 @@ def test_fit_runs_under_data_and_model_parallel(measured):
     assert fit["model_parallel_slot_mismatches"] == []
 
 
+@pytest.mark.skipif(
+    keras.config.backend() != "jax",
+    reason="runs once per CI, in the jax pass (the script itself picks JAX)",
+)
+def test_example_script_trains_on_a_simulated_mesh():
+    """examples/train_distributed.py as a user runs it: no KERAS_BACKEND
+    (it picks JAX) and no XLA_FLAGS (`--simulate-cpu-devices` sets them)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KERAS_BACKEND", "XLA_FLAGS")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    )
+    script = os.path.join(REPO, "examples", "train_distributed.py")
+    run = subprocess.run(
+        [sys.executable, script, "--config", "tiny", "--mesh", "4,2"]
+        + ["--simulate-cpu-devices", "8", "--steps", "2", "--batch-size", "4"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-6000:]
+    summary = json.loads(run.stdout[run.stdout.rindex('{\n  "mesh"') :])
+    assert summary["mesh"] == {"data": 4, "model": 2}
+    assert summary["distribution"] == "QwenVLModelParallel"
+    assert len(summary["loss"]) == 1 and math.isfinite(summary["loss"][0])
+    # The model axis splits the weights: a device holds less than all.
+    assert summary["weight_bytes_per_device"] < summary["weight_bytes_total"]
+
+
 # === Layout map (every backend) ===
 
 

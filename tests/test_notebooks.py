@@ -147,6 +147,10 @@ def test_notebook_layout(name):
     # The parameter cell comes first; the install cell only installs in Colab.
     assert 'os.environ.get("QWENVL_NOTEBOOK_REDUCED") == "1"' in code[0].source
     assert code[1].source.startswith("if IN_COLAB:\n    !pip install")
+    # What a notebook imports comes from the installed package: nothing is
+    # cloned or put on sys.path (in Colab there is no repository checkout).
+    for cell in code:
+        assert "git clone" not in cell.source and "sys.path" not in cell.source
 
 
 @jax_only

@@ -2,15 +2,12 @@
 saved preset reloads with identical outputs."""
 
 import json
-import os
-import sys
 
 import keras
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-import train_synthetic  # noqa: E402
+from keras_qwenvl.demo import synthetic as train_synthetic
 
 from keras_qwenvl import QwenVLCausalLM
 
