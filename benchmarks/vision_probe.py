@@ -17,6 +17,7 @@ JSON. Example (JAX, this repository's 2-core CPU, 8,000 images, 3 epochs
 of 500 steps, about 100 s each):
 
     python benchmarks/vision_probe.py --through encoder --lr 7e-5
+    python benchmarks/vision_probe.py --through encoder --lr 1.5e-4 --grid 14
 """
 
 import argparse
@@ -39,6 +40,13 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument(
         "--object-size", type=float, nargs=2, default=(0.22, 0.4)
+    )
+    parser.add_argument(
+        "--grid",
+        type=int,
+        default=None,
+        help="draw shapes on this pixel grid (the main job uses its 14-pixel "
+        "patches); free placement by default",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -64,6 +72,7 @@ def main(argv=None):
         image_size=size,
         num_objects=(1, 1),
         object_size=tuple(args.object_size),
+        grid=args.grid,
     )
     pixels = np.asarray(
         model.preprocessor.image_converter(

@@ -456,6 +456,35 @@ def test_shape_boxes_are_tight_around_the_drawn_pixels():
     assert seen_noisy and seen_plain
 
 
+def test_shapes_on_a_grid_fill_whole_cells():
+    grid = 14
+    source = synthetic.SyntheticSource(
+        40, seed=2, tasks="grounded_caption", grid=grid, noisy_background=0.0
+    )
+    sizes = set()
+    for example in source:
+        image = example["images"][0]
+        for obj in example["meta"]["objects"]:
+            x1, y1, x2, y2 = obj["box"]
+            # Every shape's tight box spans whole cells (all four kinds touch
+            # the four sides of their square).
+            assert all(v % grid == 0 for v in (x1, y1, x2, y2)), obj
+            assert x2 - x1 == y2 - y1
+            sizes.add(x2 - x1)
+            mask = _colour_mask(image, synthetic.COLORS[obj["color"]])
+            assert mask[y1:y2, x1:x2].any()
+    # The default object sizes (22-40% of 112 px) allow 2 or 3 cells.
+    assert sizes == {28, 42}
+    # Free placement (the default) is not on the grid.
+    free = synthetic.SyntheticSource(40, seed=2, tasks="grounded_caption")
+    boxes = [o["box"] for e in free for o in e["meta"]["objects"]]
+    assert any(v % grid for box in boxes for v in box)
+    with pytest.raises(ValueError, match="grid"):
+        synthetic.SyntheticConfig(grid=50)  # no multiple within 24-44 px
+    with pytest.raises(ValueError, match="grid"):
+        synthetic.SyntheticConfig(grid=0)
+
+
 def test_captions_list_shapes_in_vocabulary_order():
     config = synthetic.SyntheticConfig()
     for example in synthetic.synthetic_examples("caption", 40, seed=2):

@@ -32,3 +32,40 @@ def test_quick_run_learns_and_its_preset_reloads(tmp_path):
         keras.ops.convert_to_numpy(restored(x)),
         keras.ops.convert_to_numpy(model(x)),
     )
+
+
+def test_vision_encoder_learns_at_its_share_of_each_stage_rate(tmp_path):
+    from keras_qwenvl.training import QwenVLAdamW
+
+    settings = train_synthetic.Settings(
+        **dict(train_synthetic.QUICK, layer_decay=0.9)
+    )
+    model = train_synthetic.build_model(settings, str(tmp_path))
+    optimizer = QwenVLAdamW(
+        learning_rate_multipliers=train_synthetic.learning_rate_multipliers(
+            model, settings
+        )
+    )
+    share = settings.vision_learning_rate_multiplier
+    assert share < 1.0
+    encoder = model.backbone.vision_encoder
+    depth = len(encoder.vision_layers)
+    seen = set()
+    for variable in model.backbone.weights:
+        got = optimizer.learning_rate_multiplier(variable)
+        if variable.path.startswith(encoder.vision_layers[-1].path + "/"):
+            want = share * 0.9  # the last ViT block: one step of decay
+        elif variable.path.startswith(
+            (encoder.patch_embedding.path, encoder.position_embedding.path,
+             encoder.ln_pre.path)
+        ):
+            want = share * 0.9 ** (depth + 1)  # the stem
+        elif variable.path.startswith(encoder.path + "/"):
+            if "/vision_layer_" in variable.path:
+                continue
+            want = share  # adapter, ln_post, proj
+        else:
+            want = 1.0  # the language model
+        seen.add(want)
+        assert np.isclose(got, want), variable.path
+    assert len(seen) == 4

@@ -9,6 +9,8 @@ Two kinds of images are drawn:
   distinct colour-shape pairs, random size and place, on a plain or noisy
   grey background (grey, so that no background pixel has a shape's
   colour). Each shape's pixel box is the tight box of its drawn pixels.
+  With `grid` set, sides and places are multiples of it (a ViT's patch
+  size: each patch then holds one part of a shape in a fixed position).
 - words (a SynthDoG-like OCR source): 1-3 distinct words of `WORDS`,
   rendered with Pillow's built-in font (`ImageFont.load_default(size=...)`,
   Pillow >= 10.1) at small random angles over a textured paper background,
@@ -114,6 +116,9 @@ class SyntheticConfig:
         font_size: `(min, max)` font size as a fraction of the canvas
             height.
         max_angle: the largest rotation of a word, in degrees.
+        grid: None, or a cell size in pixels: shapes then have sides and
+            places on multiples of it (a ViT's patch size, so that each
+            patch holds one part of a shape in a fixed position).
     """
 
     image_size: object = 112
@@ -126,6 +131,7 @@ class SyntheticConfig:
     num_words: tuple = (1, 3)
     font_size: tuple = (0.14, 0.2)
     max_angle: float = 10.0
+    grid: object = None
 
     def __post_init__(self):
         size = self.image_size
@@ -169,6 +175,17 @@ class SyntheticConfig:
                 "`object_size` must be (min, max) fractions in (0, 1]. "
                 f"Received: {self.object_size}"
             )
+        if self.grid is not None:
+            low, high = (f * min(size) for f in self.object_size)
+            if not (isinstance(self.grid, int) and self.grid > 0) or not any(
+                low <= n * self.grid <= high
+                for n in range(1, min(size) // self.grid + 1)
+            ):
+                raise ValueError(
+                    "`grid` must be None or a positive int with a multiple "
+                    f"within the object sizes ({low:.1f}-{high:.1f} px). "
+                    f"Received: {self.grid!r}"
+                )
 
 
 # Drawing.
@@ -256,13 +273,17 @@ def render_shapes(rng, config):
     chosen = rng.choice(len(pairs), size=count, replace=False)
     shorter = min(width, height)
     low, high = (max(4, int(f * shorter)) for f in config.object_size)
+    step = config.grid or 1
+    if config.grid:  # sides and places on multiples of the grid
+        low = -(-low // step)
+        high = high // step
     placed = []
     for index in chosen:
         color, shape = pairs[index]
         for _ in range(30):  # rejection sampling of a free place
-            size = int(rng.integers(low, high + 1))
-            x = int(rng.integers(0, width - size + 1))
-            y = int(rng.integers(0, height - size + 1))
+            size = int(rng.integers(low, high + 1)) * step
+            x = int(rng.integers(0, (width - size) // step + 1)) * step
+            y = int(rng.integers(0, (height - size) // step + 1)) * step
             box = (x, y, x + size, y + size)
             if not _overlaps(box, [p[2] for p in placed]):
                 break

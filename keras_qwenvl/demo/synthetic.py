@@ -10,8 +10,9 @@ trains everything on the multi-task mixture (captions, grounded captions,
 referring grounding, VQA, OCR with quads, text) packed into fixed-length
 rows, stage 3 freezes the ViT and tunes adapter and language model on
 multi-turn chats mixed with the tasks. The data is drawn on the fly
-(`keras_qwenvl.data.synthetic`): shapes of random colour, size and place,
-and words rendered over textured paper. The vocabulary is byte-level with
+(`keras_qwenvl.data.synthetic`): shapes of random colour, size and place
+(on the ViT's patch grid, see `Settings.shape_grid`), and words rendered
+over textured paper. The vocabulary is byte-level with
 the Qwen special tokens, so nothing is downloaded; the words the synthetic
 texts use are single tokens of it (byte-pair merges), so that a caption is
 a few tokens and its colour and shape words carry most of its loss.
@@ -32,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -58,6 +60,15 @@ class Settings:
     # From scratch every ViT layer learns at the full rate (the paper's 0.95
     # layer decay is for fine-tuning a pretrained ViT).
     layer_decay: float = 1.0
+    # The vision encoder (ViT and adapter) learns at this fraction of the
+    # stage's rate: at the decoder's rate the adapter's cross-attention
+    # stops passing shape information on (README, "The main job").
+    vision_learning_rate_multiplier: float = 0.2
+    # Shapes are drawn with sides and places on this pixel grid, the ViT's
+    # patches (None: anywhere), so that each patch holds one part of a shape
+    # in a fixed position; a from-scratch ViT learns shapes several times
+    # faster so.
+    shape_grid: object = 14
     # Image slots per packed row: each slot costs a ViT pass, used or not.
     max_images_per_row: int = 3
     eval_images: int = 200
@@ -128,6 +139,27 @@ def build_model(settings, vocabulary_dir):
     return QwenVLCausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
+def data_config(settings):
+    """`SyntheticConfig` fields of the run's data (training and held-out)."""
+    return {"image_size": settings.image_size, "grid": settings.shape_grid}
+
+
+def learning_rate_multipliers(model, settings):
+    """Per-weight learning-rate multipliers of every stage: the ViT's
+    layer decay, and the vision encoder's share of the stage's rate."""
+    from keras_qwenvl.training import vit_layer_decay_multipliers
+
+    multipliers = vit_layer_decay_multipliers(model, settings.layer_decay)
+    scale = settings.vision_learning_rate_multiplier
+    if scale != 1.0:
+        encoder = re.escape(model.backbone.vision_encoder.path)
+        # The first matching pattern wins: fold the share into each ViT
+        # layer's decay, then cover the rest of the encoder.
+        multipliers = [(p, m * scale) for p, m in multipliers]
+        multipliers.append(("^" + encoder + "/", scale))
+    return multipliers
+
+
 def train(model, settings):
     """The three stages; returns the per-step losses of each stage."""
     import keras
@@ -162,7 +194,7 @@ def train(model, settings):
             total_steps=steps,
             peak_learning_rate=settings.peak_learning_rate[stage - 1],
             min_learning_rate=settings.peak_learning_rate[stage - 1] / 20,
-            layer_decay=settings.layer_decay,
+            learning_rate_multipliers=learning_rate_multipliers(model, settings),
         )
         model.compile(
             optimizer=optimizer,
@@ -173,7 +205,7 @@ def train(model, settings):
             steps * settings.batch_size * 4,
             seed=settings.seed * 1000 + stage,
             tasks=STAGE_TASKS[stage],
-            image_size=settings.image_size,
+            **data_config(settings),
         )
         loader = QwenVLDataLoader(
             source,
@@ -212,7 +244,7 @@ def held_out_outputs(model, settings, task, prompt, max_new_tokens, seed):
     from keras_qwenvl.data.synthetic import synthetic_examples
 
     examples = synthetic_examples(
-        task, settings.eval_images, seed=seed, image_size=settings.image_size
+        task, settings.eval_images, seed=seed, **data_config(settings)
     )
     tokenizer = model.preprocessor.tokenizer
     outputs = []
@@ -335,7 +367,7 @@ def probe_batch(model, settings):
         settings.batch_size,
         seed=20_000 + settings.seed,
         tasks=STAGE_TASKS[2],
-        image_size=settings.image_size,
+        **data_config(settings),
     )
     loader = QwenVLDataLoader(
         source, model.preprocessor, batch_size=settings.batch_size, shuffle=False
