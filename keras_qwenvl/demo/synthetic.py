@@ -11,7 +11,7 @@ referring grounding, VQA, OCR with quads, text) packed into fixed-length
 rows, stage 3 freezes the ViT and tunes adapter and language model on
 multi-turn chats mixed with the tasks. The data is drawn on the fly
 (`keras_qwenvl.data.synthetic`): shapes of random colour, size and place
-(on the ViT's patch grid, see `Settings.shape_grid`), and words rendered
+(on the ViT's patch grid, see `Settings.shapes_on_patch_grid`), and words rendered
 over textured paper. The vocabulary is byte-level with
 the Qwen special tokens, so nothing is downloaded; the words the synthetic
 texts use are single tokens of it (byte-pair merges), so that a caption is
@@ -64,11 +64,10 @@ class Settings:
     # stage's rate: at the decoder's rate the adapter's cross-attention
     # stops passing shape information on (README, "The main job").
     vision_learning_rate_multiplier: float = 0.2
-    # Shapes are drawn with sides and places on this pixel grid, the ViT's
-    # patches (None: anywhere), so that each patch holds one part of a shape
-    # in a fixed position; a from-scratch ViT learns shapes several times
-    # faster so.
-    shape_grid: object = 14
+    # Shapes are drawn with sides and places on the ViT's patch grid (False:
+    # anywhere), so that each patch holds one part of a shape in a fixed
+    # position; a from-scratch ViT learns shapes several times faster so.
+    shapes_on_patch_grid: bool = True
     # Image slots per packed row: each slot costs a ViT pass, used or not.
     max_images_per_row: int = 3
     eval_images: int = 200
@@ -141,7 +140,8 @@ def build_model(settings, vocabulary_dir):
 
 def data_config(settings):
     """`SyntheticConfig` fields of the run's data (training and held-out)."""
-    return {"image_size": settings.image_size, "grid": settings.shape_grid}
+    grid = settings.patch_size if settings.shapes_on_patch_grid else None
+    return {"image_size": settings.image_size, "grid": grid}
 
 
 def learning_rate_multipliers(model, settings):
