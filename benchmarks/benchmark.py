@@ -329,20 +329,25 @@ class QwenVLWorkload:
     def flops(self, positions, logits_at):
         return qwen_vl_flops(self.config, positions, logits_at)
 
-    def training_batch(self):
+    def training_batch(
+        self,
+        rows=PREFILL_ROWS,
+        length=PREFILL_LENGTH,
+        loss_positions=TRAINING_LOSS_POSITIONS,
+    ):
         """`training_batch` with loss only on labels outside the image span
-        (the preprocessor's rule), gathered into `TRAINING_LOSS_POSITIONS`
-        slots per row: the model computes logits only there."""
+        (the preprocessor's rule), gathered into `loss_positions` slots per
+        row: the model computes logits only there."""
         from keras_qwenvl import select_loss_positions
 
-        x, y, _ = training_batch(self)
+        x, y, _ = training_batch(self, rows, length)
         start = self.config["visual"]["image_start_id"]
         ids = x["token_ids"]
         in_span = (ids >= start) & (ids <= start + 2)
         weights = ~in_span & ~np.roll(in_span, -1, axis=1)
         weights[:, -1] = False  # its label would wrap around
         return select_loss_positions(
-            x, y, weights.astype("float32"), TRAINING_LOSS_POSITIONS
+            x, y, weights.astype("float32"), loss_positions
         )
 
     def decode_bytes(self, causal_lm):
@@ -426,9 +431,10 @@ def measure_vision(workload, causal_lm, repeats):
     return {"seconds": seconds, "images": VISION_BATCH}
 
 
-def training_batch(workload):
-    """2 x 512 positions with one image per row, next-token labels."""
-    x = workload.inputs(PREFILL_ROWS, PREFILL_LENGTH, PREFILL_LENGTH)
+def training_batch(workload, rows=PREFILL_ROWS, length=PREFILL_LENGTH):
+    """`rows` x `length` positions (2 x 512 by default) with one image per
+    row, next-token labels."""
+    x = workload.inputs(rows, length, length)
     y = np.roll(x["token_ids"], -1, axis=1)
     return x, y, np.ones(y.shape, "float32")
 

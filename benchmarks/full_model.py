@@ -121,7 +121,6 @@ def stage3_training(workload, causal_lm, rows, length, steps, lora):
     returns (seconds per step, loss, trained parameters)."""
     import keras
 
-    from keras_qwenvl import select_loss_positions
     from keras_qwenvl.training import enable_lora
     from keras_qwenvl.training import recipe_optimizer
     from keras_qwenvl.training import set_stage
@@ -135,13 +134,8 @@ def stage3_training(workload, causal_lm, rows, length, steps, lora):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         weighted_metrics=[],
     )
-    x = workload.inputs(rows, length, length)
-    y = np.roll(x["token_ids"], -1, axis=1)
-    start = workload.config["visual"]["image_start_id"]
-    in_span = (x["token_ids"] >= start) & (x["token_ids"] <= start + 2)
-    weights = (~in_span & ~np.roll(in_span, -1, axis=1)).astype("float32")
-    weights[:, -1] = 0.0
-    x, y, weights = select_loss_positions(x, y, weights, length)
+    # Loss on the labels outside the image span, logits only there.
+    x, y, weights = workload.training_batch(rows, length, length)
     loss = causal_lm.train_on_batch(x, y, sample_weight=weights)  # compiles
     begin = time.perf_counter()
     for _ in range(steps):
