@@ -1,11 +1,19 @@
-"""How fast does a from-scratch vision encoder learn the demo's shapes?
+"""How fast does a from-scratch vision encoder learn the demo's shapes and places?
 
 Trains the main job's vision encoder (built by the main job's own code,
 `keras_qwenvl.demo.synthetic`, with its default settings: 112-pixel images,
 14-pixel patches, width 128, 4 blocks, 36 adapter queries) directly on one
-question, the kind of the single shape in a synthetic image (four kinds, chance 0.25), with a dense layer on the
-mean of its output tokens, and prints the held-out accuracy after every
-epoch. `--through` picks where the dense layer reads:
+question about the single shape in a synthetic image, with a dense layer
+on the mean of its output tokens, and prints the held-out accuracy after
+every epoch. `--question` picks the question:
+
+- `shape`: its kind (four kinds, chance 0.25);
+- `column`: the patch column of its left edge (seven at the default sizes;
+  use it with `--grid`, which puts the edge on a patch boundary), what
+  grounding needs: the mean of the tokens carries it only where the
+  encoder ties an object's content to its place.
+
+`--through` picks where the dense layer reads:
 
 - `vit`: the ViT blocks' patch features;
 - `adapter`: the adapter's 36 outputs (cross-attention included);
@@ -18,6 +26,7 @@ of 500 steps, about 100 s each):
 
     python benchmarks/vision_probe.py --through encoder --lr 7e-5
     python benchmarks/vision_probe.py --through encoder --lr 1.5e-4 --grid 14
+    python benchmarks/vision_probe.py --lr 1.5e-4 --grid 14 --question column
 """
 
 import argparse
@@ -33,6 +42,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--through", choices=("vit", "adapter", "encoder"), default="encoder"
+    )
+    parser.add_argument(
+        "--question", choices=("shape", "column"), default="shape"
     )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--examples", type=int, default=8000)
@@ -79,9 +91,14 @@ def main(argv=None):
             np.stack([e["images"][0] for e in examples])
         )
     )
-    labels = np.array(
-        [DEFAULT_SHAPES.index(e["meta"]["objects"][0]["shape"]) for e in examples]
-    )
+    objects = [e["meta"]["objects"][0] for e in examples]
+    if args.question == "shape":
+        labels = np.array([DEFAULT_SHAPES.index(o["shape"]) for o in objects])
+        classes = len(DEFAULT_SHAPES)
+    else:
+        patch = settings.patch_size
+        labels = np.array([int(o["box"][0]) // patch for o in objects])
+        classes = size // patch
 
     class Features(keras.layers.Layer):
         """The encoder up to the point `--through` names."""
@@ -98,7 +115,7 @@ def main(argv=None):
 
     inputs = keras.Input((size, size, 3))
     pooled = keras.layers.GlobalAveragePooling1D()(Features(encoder)(inputs))
-    model = keras.Model(inputs, keras.layers.Dense(len(DEFAULT_SHAPES))(pooled))
+    model = keras.Model(inputs, keras.layers.Dense(classes)(pooled))
     model.compile(
         keras.optimizers.AdamW(
             args.lr,

@@ -123,6 +123,13 @@ class QwenVLAdapter(keras.layers.Layer):
             `visual.n_queries`; the paper's ablation used 64, 144, 256, 400).
         head_dim: per-head width of the cross-attention (128 in the
             published model).
+        local_start: None (the default), or a factor: the key projection
+            then starts as `local_start` times the query projection, so
+            that the fixed sin-cos positions on queries and keys meet in a
+            positive product: each query of a model trained from scratch
+            starts with a bias towards the patches near its own place
+            (content terms still dominate single scores). Only the start
+            differs; the weights stay separate and trainable.
     """
 
     def __init__(
@@ -132,6 +139,7 @@ class QwenVLAdapter(keras.layers.Layer):
         head_dim=128,
         layer_norm_epsilon=1e-6,
         kernel_initializer="glorot_uniform",
+        local_start=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -150,6 +158,7 @@ class QwenVLAdapter(keras.layers.Layer):
         self.head_dim = head_dim
         self.layer_norm_epsilon = layer_norm_epsilon
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.local_start = None if local_start is None else float(local_start)
         self.query_grid = grid
 
     def build(self, input_shape):
@@ -191,6 +200,10 @@ class QwenVLAdapter(keras.layers.Layer):
             dtype=policy,
         )
         self.attention.build(norm_shape, norm_shape, norm_shape)
+        if self.local_start is not None:
+            self.attention.key.kernel.assign(
+                self.attention.query.kernel * self.local_start
+            )
         self.built = True
 
     def call(self, patches):
@@ -221,6 +234,7 @@ class QwenVLAdapter(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
+                "local_start": self.local_start,
             }
         )
         return config

@@ -15,6 +15,7 @@ from keras_qwenvl.adapter import QwenVLAdapter
 from keras_qwenvl.adapter import QwenVLMultiHeadAttention
 from keras_qwenvl.initializers import projection_initializer
 from keras_qwenvl.position_tables import resize_position_table
+from keras_qwenvl.position_tables import sincos_2d_table
 
 # The checkpoint's learned ViT position table is always 16 x 16
 # (`visual.positional_embedding` has 256 rows).
@@ -133,6 +134,14 @@ class QwenVLVisionEncoder(keras.layers.Layer):
             `global_attention_layers` stay global.
         global_attention_layers: indices of layers kept global when
             `window_size` is set; defaults to the last layer of each quarter.
+        spatial_start: False (the published model's initialisation), or
+            True for training from scratch: the ViT's position table starts
+            as a 2D sin-cos table (rather than small random values, so that
+            every patch token knows its place from the first step) and the
+            adapter's key projection as twice its query projection (each
+            query starts with a bias towards the patches near its own
+            place; `QwenVLAdapter`'s `local_start`). Weights loaded from a
+            checkpoint replace both.
     """
 
     def __init__(
@@ -149,9 +158,15 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         layer_norm_epsilon=1e-6,
         window_size=None,
         global_attention_layers=None,
+        spatial_start=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if spatial_start and width % 4:
+            raise ValueError(
+                f"`spatial_start` needs a `width` divisible by 4 (a 2D "
+                f"sin-cos table). Received: width={width}"
+            )
         if image_size % patch_size:
             raise ValueError(
                 f"`image_size` ({image_size}) must be a multiple of "
@@ -177,6 +192,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
             if global_attention_layers is None
             else [int(i) for i in global_attention_layers]
         )
+        self.spatial_start = bool(spatial_start)
         self.grid_size = image_size // patch_size
 
         # === Layers ===
@@ -215,6 +231,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
             num_queries=num_queries,
             head_dim=adapter_head_dim,
             layer_norm_epsilon=layer_norm_epsilon,
+            local_start=2.0 if spatial_start else None,
             name="adapter",
             dtype=policy,
         )
@@ -231,10 +248,18 @@ class QwenVLVisionEncoder(keras.layers.Layer):
     def build(self, input_shape=None):
         size = self.image_size
         self.patch_embedding.build((None, size, size, 3))
+        if self.spatial_start:
+            table = sincos_2d_table(self.width, POSITION_TABLE_GRID)
+
+            def initializer(shape, dtype=None):
+                return ops.cast(table, dtype)
+
+        else:
+            initializer = keras.initializers.RandomNormal(stddev=0.02)
         self.position_embedding = self.add_weight(
             name="position_embedding",
             shape=(POSITION_TABLE_GRID**2, self.width),
-            initializer=keras.initializers.RandomNormal(stddev=0.02),
+            initializer=initializer,
         )
         tokens = (None, self.grid_size**2, self.width)
         self.ln_pre.build(tokens)
@@ -307,6 +332,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 "layer_norm_epsilon": self.layer_norm_epsilon,
                 "window_size": self.window_size,
                 "global_attention_layers": self.global_attention_layers,
+                "spatial_start": self.spatial_start,
             }
         )
         return config

@@ -485,6 +485,47 @@ def test_shapes_on_a_grid_fill_whole_cells():
         synthetic.SyntheticConfig(grid=0)
 
 
+def test_place_labels_name_the_shape_at_each_place():
+    config = synthetic.SyntheticConfig(grid=14)
+    red_circle = {"color": "red", "shape": "circle", "box": (14, 28, 56, 70)}
+    blue_cross = {"color": "blue", "shape": "cross", "box": (70, 70, 98, 98)}
+    sizes = synthetic.place_label_sizes(config, 14)
+    assert sizes == {
+        "color": 6, "shape": 5, "x1": 9, "y1": 9, "x2": 9, "y2": 9
+    }
+    labels = synthetic.place_labels([red_circle, blue_cross], config, 4, 14)
+    # A 4 x 4 lattice over 112 pixels: centres at 14, 42, 70 and 98.
+    expected = {name: np.full(16, sizes[name] - 1) for name in sizes}
+    # The red circle covers x, y in [14, 56) x [28, 70): centres (14, 42)
+    # and (42, 42), i.e. row 1, columns 0 and 1.
+    for index in (4, 5):
+        expected["color"][index] = config.colors.index("red")
+        expected["shape"][index] = config.shapes.index("circle")
+        for name, cell in zip(("x1", "y1", "x2", "y2"), (1, 2, 3, 4)):
+            expected[name][index] = cell
+    # The blue cross covers [70, 98) x [70, 98): the centre (70, 70).
+    expected["color"][10] = config.colors.index("blue")
+    expected["shape"][10] = config.shapes.index("cross")
+    for name, cell in zip(("x1", "y1", "x2", "y2"), (5, 5, 6, 6)):
+        expected[name][10] = cell
+    assert set(labels) == set(synthetic.PLACE_LABELS)
+    for name in labels:
+        np.testing.assert_array_equal(labels[name], expected[name], name)
+    # Drawn images: every place inside a shape's box names that shape.
+    for example in synthetic.synthetic_examples("caption", 10, seed=3, grid=14):
+        objects = example["meta"]["objects"]
+        labels = synthetic.place_labels(objects, config, 6, 14)
+        named = labels["shape"] != sizes["shape"] - 1
+        assert named.any()
+        for index in np.flatnonzero(named):
+            obj = next(
+                o for o in objects
+                if config.shapes.index(o["shape"]) == labels["shape"][index]
+                and config.colors.index(o["color"]) == labels["color"][index]
+            )
+            assert labels["x1"][index] == obj["box"][0] // 14
+
+
 def test_captions_list_shapes_in_vocabulary_order():
     config = synthetic.SyntheticConfig()
     for example in synthetic.synthetic_examples("caption", 40, seed=2):

@@ -180,6 +180,80 @@ def test_window_attention_mask_and_encoder():
         assert np.allclose(out, global_out, atol=1e-5) == expect_equal
 
 
+def test_spatial_start_for_training_from_scratch():
+    from keras_qwenvl.vision_encoder import POSITION_TABLE_GRID
+
+    keras.utils.set_random_seed(4)
+    encoder = tiny_encoder(spatial_start=True)
+    # The ViT's position table starts as the 2D sin-cos table at its 16 x 16
+    # grid; the adapter's key projection as twice its query projection.
+    np.testing.assert_allclose(
+        to_np(encoder.position_embedding),
+        sincos_2d_table(16, POSITION_TABLE_GRID),
+        atol=1e-6,
+    )
+    attention = encoder.adapter.attention
+    np.testing.assert_allclose(
+        to_np(attention.key.kernel), 2.0 * to_np(attention.query.kernel)
+    )
+    # So each query starts with a bias towards the patches near its own
+    # place (at the demo's adapter sizes: 36 queries of 256 over 8 x 8
+    # patches): its mean score over them beats that over the others.
+    def near_preference(spatial_start):
+        rates = []
+        for seed in (0, 1):
+            keras.utils.set_random_seed(seed)
+            encoder = tiny_encoder(
+                image_size=56, width=32, num_layers=1, output_dim=256,
+                num_queries=36, adapter_head_dim=64,
+                spatial_start=spatial_start,
+            )
+            adapter, grid = encoder.adapter, encoder.grid_size
+            pixels = np.random.default_rng(seed).standard_normal((1, 56, 56, 3))
+            patches = encoder.patch_features(pixels.astype("float32"))
+            kv = adapter.ln_kv(adapter.kv_proj(patches))
+            keys = kv + resize_position_table(adapter.pos_embed, grid)[None]
+            queries = adapter.ln_q(adapter.query) + adapter.pos_embed
+            scores = to_np(
+                ops.einsum(
+                    "tnh,snh->ts",
+                    adapter.attention.query(queries[None])[0],
+                    adapter.attention.key(keys)[0],
+                )
+            )
+            rows, columns = np.divmod(np.arange(grid * grid), grid)
+            scale = grid / adapter.query_grid
+            preferred = 0
+            for index, row_scores in enumerate(scores):
+                row, column = divmod(index, adapter.query_grid)
+                distance = np.hypot(
+                    rows - ((row + 0.5) * scale - 0.5),
+                    columns - ((column + 0.5) * scale - 0.5),
+                )
+                near = distance <= 1.5
+                preferred += row_scores[near].mean() > row_scores[~near].mean()
+            rates.append(preferred / len(scores))
+        return np.mean(rates)
+
+    assert near_preference(True) >= 0.72
+    assert near_preference(False) <= 0.65
+    # The default is the published model's start: small random values,
+    # separate projections.
+    default = tiny_encoder()
+    assert float(np.abs(to_np(default.position_embedding)).max()) < 0.2
+    assert not np.allclose(
+        to_np(default.adapter.attention.key.kernel),
+        2.0 * to_np(default.adapter.attention.query.kernel),
+    )
+    # The option survives a config round trip; a width that no sin-cos
+    # table fits is refused.
+    config = encoder.get_config()
+    assert config["spatial_start"] is True
+    assert QwenVLVisionEncoder.from_config(config).adapter.local_start == 2.0
+    with pytest.raises(ValueError, match="divisible by 4"):
+        tiny_encoder(width=18, num_heads=2, spatial_start=True)
+
+
 def test_query_count_must_be_square():
     with pytest.raises(ValueError, match="square"):
         tiny_encoder(num_queries=10)

@@ -69,3 +69,24 @@ def test_vision_encoder_learns_at_its_share_of_each_stage_rate(tmp_path):
         seen.add(want)
         assert np.isclose(got, want), variable.path
     assert len(seen) == 4
+
+
+def test_vision_pretraining_changes_only_the_vision_encoder(tmp_path):
+    settings = train_synthetic.Settings(
+        **dict(train_synthetic.QUICK, vision_pretraining_steps=3)
+    )
+    model = train_synthetic.build_model(settings, str(tmp_path))
+    encoder = model.backbone.vision_encoder
+    before = {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
+    losses = train_synthetic.pretrain_vision(model, settings)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    changed = {
+        v.path
+        for v in model.weights
+        if not np.array_equal(before[v.path], keras.ops.convert_to_numpy(v))
+    }
+    assert changed
+    assert all(path.startswith(encoder.path + "/") for path in changed)
+    assert encoder.patch_embedding.kernel.path in changed
+    # The heads are not part of the model.
+    assert len(model.weights) == len(before)

@@ -614,6 +614,56 @@ def vocabulary_words(config=None):
     return sorted(words)
 
 
+# What each place of a shapes image holds, for pre-training a vision encoder.
+PLACE_LABELS = ("color", "shape", "x1", "y1", "x2", "y2")
+
+
+def place_label_sizes(config, cell):
+    """`{label: number of classes}` of `place_labels`, the last class of
+    each meaning "no shape here"."""
+    cells = -(-max(config.image_size) // cell)
+    sizes = {"color": len(config.colors), "shape": len(config.shapes)}
+    sizes.update({name: cells for name in PLACE_LABELS[2:]})
+    return {name: n + 1 for name, n in sizes.items()}
+
+
+def place_labels(objects, config, grid, cell):
+    """What lies at each place of a `grid` x `grid` lattice over a shapes
+    image: the colour, the kind and the box (in cells of `cell` pixels) of
+    the shape covering the place's centre.
+
+    A vision encoder pre-trained to name these at each of its output tokens
+    (one token per adapter query, queries in raster order on a lattice)
+    learns what and where a shape is before a language model reads it.
+
+    Args:
+        objects: a shapes image's `meta["objects"]`.
+        config: the `SyntheticConfig` that drew it.
+        grid: the lattice side (the square root of the adapter's queries).
+        cell: the box unit in pixels (the ViT's patch size).
+
+    Returns:
+        `{label: int array (grid * grid,)}` for every name in
+        `PLACE_LABELS`, in raster order; places on no shape get the last
+        class of `place_label_sizes(config, cell)`.
+    """
+    sizes = place_label_sizes(config, cell)
+    labels = {name: np.full(grid * grid, sizes[name] - 1) for name in sizes}
+    width, height = config.image_size
+    for index in range(grid * grid):
+        row, column = divmod(index, grid)
+        x, y = (column + 0.5) * width / grid, (row + 0.5) * height / grid
+        for obj in objects:
+            x1, y1, x2, y2 = obj["box"]
+            if x1 <= x < x2 and y1 <= y < y2:
+                labels["color"][index] = config.colors.index(obj["color"])
+                labels["shape"][index] = config.shapes.index(obj["shape"])
+                corners = (x1, y1, x2 - 1, y2 - 1)  # x2, y2 are exclusive
+                for name, value in zip(PLACE_LABELS[2:], corners):
+                    labels[name][index] = int(value) // cell
+    return labels
+
+
 class SyntheticSource:
     """A random-access source of synthetic examples (a Grain data source).
 
