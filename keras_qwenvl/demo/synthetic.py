@@ -66,8 +66,9 @@ class Settings:
     layer_decay: float = 1.0
     # The vision encoder (ViT and adapter) learns at this fraction of the
     # stage's rate: at the decoder's rate the adapter's cross-attention
-    # stops passing shape information on (README, "The main job").
-    vision_learning_rate_multiplier: float = 0.2
+    # stops passing shape information on, and after the vision pre-training
+    # a low rate keeps what it learned (README, "The main job").
+    vision_learning_rate_multiplier: float = 0.05
     # Shapes are drawn with sides and places on the ViT's patch grid (False:
     # anywhere), so that each patch holds one part of a shape in a fixed
     # position; a from-scratch ViT learns shapes several times faster so.
