@@ -11,7 +11,11 @@ every epoch. `--question` picks the question:
 - `column`: the patch column of its left edge (seven at the default sizes;
   use it with `--grid`, which puts the edge on a patch boundary), what
   grounding needs: the mean of the tokens carries it only where the
-  encoder ties an object's content to its place.
+  encoder ties an object's content to its place;
+- `word`: the single word of an OCR image (40 words, chance 0.025), drawn
+  at `--font-size` (a fraction of the image height; the main job's one
+  size by default) and up to `--max-angle` degrees, starting on the
+  `--grid` if given.
 
 `--through` picks where the dense layer reads:
 
@@ -27,6 +31,7 @@ of 500 steps, about 100 s each):
     python benchmarks/vision_probe.py --through encoder --lr 7e-5
     python benchmarks/vision_probe.py --through encoder --lr 1.5e-4 --grid 14
     python benchmarks/vision_probe.py --lr 1.5e-4 --grid 14 --question column
+    python benchmarks/vision_probe.py --lr 5e-4 --grid 14 --question word
 """
 
 import argparse
@@ -44,7 +49,7 @@ def main(argv=None):
         "--through", choices=("vit", "adapter", "encoder"), default="encoder"
     )
     parser.add_argument(
-        "--question", choices=("shape", "column"), default="shape"
+        "--question", choices=("shape", "column", "word"), default="shape"
     )
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--examples", type=int, default=8000)
@@ -53,6 +58,10 @@ def main(argv=None):
     parser.add_argument(
         "--object-size", type=float, nargs=2, default=(0.22, 0.4)
     )
+    parser.add_argument(
+        "--font-size", type=float, nargs=2, default=(0.16, 0.16)
+    )
+    parser.add_argument("--max-angle", type=float, default=10.0)
     parser.add_argument(
         "--grid",
         type=int,
@@ -67,6 +76,7 @@ def main(argv=None):
     import numpy as np
 
     from keras_qwenvl.data.synthetic import DEFAULT_SHAPES
+    from keras_qwenvl.data.synthetic import WORDS
     from keras_qwenvl.data.synthetic import synthetic_examples
 
     # The main job's model, built by the main job's own code.
@@ -78,12 +88,15 @@ def main(argv=None):
     encoder = model.backbone.vision_encoder
     held_out = 512
     examples = synthetic_examples(
-        "caption",
+        "ocr" if args.question == "word" else "caption",
         args.examples + held_out,
         seed=5,
         image_size=size,
         num_objects=(1, 1),
         object_size=tuple(args.object_size),
+        num_words=(1, 1),
+        font_size=tuple(args.font_size),
+        max_angle=args.max_angle,
         grid=args.grid,
     )
     pixels = np.asarray(
@@ -91,13 +104,18 @@ def main(argv=None):
             np.stack([e["images"][0] for e in examples])
         )
     )
-    objects = [e["meta"]["objects"][0] for e in examples]
-    if args.question == "shape":
-        labels = np.array([DEFAULT_SHAPES.index(o["shape"]) for o in objects])
+    metas = [e["meta"] for e in examples]
+    if args.question == "word":
+        labels = np.array([WORDS.index(m["words"][0]) for m in metas])
+        classes = len(WORDS)
+    elif args.question == "shape":
+        labels = np.array(
+            [DEFAULT_SHAPES.index(m["objects"][0]["shape"]) for m in metas]
+        )
         classes = len(DEFAULT_SHAPES)
     else:
         patch = settings.patch_size
-        labels = np.array([int(o["box"][0]) // patch for o in objects])
+        labels = np.array([int(m["objects"][0]["box"][0]) // patch for m in metas])
         classes = size // patch
 
     class Features(keras.layers.Layer):

@@ -485,15 +485,41 @@ def test_shapes_on_a_grid_fill_whole_cells():
         synthetic.SyntheticConfig(grid=0)
 
 
+def test_words_on_a_grid_start_on_grid_points():
+    grid = 14
+    source = synthetic.SyntheticSource(
+        40, seed=4, tasks="ocr", grid=grid, max_angle=0.0
+    )
+    counts = set()
+    for example in source:
+        quads = example["meta"]["quads"]
+        counts.add(len(quads))
+        band = 112 / len(quads)
+        for number, quad in enumerate(quads):
+            # Upright words: the ink starts 2 px (the layer's margin) after
+            # a grid point, and stays inside its reading-order band.
+            (left, top), _, (right, bottom), _ = quad
+            assert (left - 2) % grid == 0 and (top - 2) % grid == 0, quad
+            assert number * band <= top - 2 and bottom <= (number + 1) * band
+            assert right <= 112
+    assert counts == {1, 2, 3}
+    # Free placement (the default) is not on the grid.
+    free = synthetic.SyntheticSource(40, seed=4, tasks="ocr", max_angle=0.0)
+    lefts = [q[0][0] - 2 for e in free for q in e["meta"]["quads"]]
+    assert any(v % grid for v in lefts)
+
+
 def test_place_labels_name_the_shape_at_each_place():
     config = synthetic.SyntheticConfig(grid=14)
     red_circle = {"color": "red", "shape": "circle", "box": (14, 28, 56, 70)}
     blue_cross = {"color": "blue", "shape": "cross", "box": (70, 70, 98, 98)}
     sizes = synthetic.place_label_sizes(config, 14)
     assert sizes == {
-        "color": 6, "shape": 5, "x1": 9, "y1": 9, "x2": 9, "y2": 9
+        "color": 6, "shape": 5, "word": 41, "x1": 9, "y1": 9, "x2": 9, "y2": 9
     }
-    labels = synthetic.place_labels([red_circle, blue_cross], config, 4, 14)
+    labels = synthetic.place_labels(
+        {"objects": [red_circle, blue_cross]}, config, 4, 14
+    )
     # A 4 x 4 lattice over 112 pixels: centres at 14, 42, 70 and 98.
     expected = {name: np.full(16, sizes[name] - 1) for name in sizes}
     # The red circle covers x, y in [14, 56) x [28, 70): centres (14, 42)
@@ -514,7 +540,8 @@ def test_place_labels_name_the_shape_at_each_place():
     # Drawn images: every place inside a shape's box names that shape.
     for example in synthetic.synthetic_examples("caption", 10, seed=3, grid=14):
         objects = example["meta"]["objects"]
-        labels = synthetic.place_labels(objects, config, 6, 14)
+        labels = synthetic.place_labels(example["meta"], config, 6, 14)
+        assert (labels["word"] == sizes["word"] - 1).all()
         named = labels["shape"] != sizes["shape"] - 1
         assert named.any()
         for index in np.flatnonzero(named):
@@ -524,6 +551,44 @@ def test_place_labels_name_the_shape_at_each_place():
                 and config.colors.index(o["color"]) == labels["color"][index]
             )
             assert labels["x1"][index] == obj["box"][0] // 14
+
+
+def test_place_labels_name_the_word_at_each_place():
+    config = synthetic.SyntheticConfig(grid=14)
+    sizes = synthetic.place_label_sizes(config, 14)
+    # "lake" leaning a little: its quad's bounding box is [20, 60) x
+    # [30, 52.5), cells x 1-4, y 2-3; "cat" [70, 112.5) x [60, 72),
+    # clipped to x 5-7, y 4-5.
+    lake = ((20, 30), (60, 34), (59, 52.5), (21, 48))
+    cat = ((70, 60), (112.5, 60), (112.5, 72), (70, 72))
+    labels = synthetic.place_labels(
+        {"words": ["lake", "cat"], "quads": [lake, cat]}, config, 4, 14
+    )
+    # A 4 x 4 lattice of 28-pixel cells, centres at 14, 42, 70 and 98.
+    # "lake": its middle line (y 41.25) crosses row 1, its box the
+    # column centre 42. "cat": middle line y 66 in row 2, column centres
+    # 70 and 98 - though no lattice centre lies inside its box.
+    expected = {name: np.full(16, sizes[name] - 1) for name in sizes}
+    for index, word, cells in (
+        (5, "lake", (1, 2, 4, 3)),
+        (10, "cat", (5, 4, 7, 5)),
+        (11, "cat", (5, 4, 7, 5)),
+    ):
+        expected["word"][index] = config.words.index(word)
+        for name, cell in zip(("x1", "y1", "x2", "y2"), cells):
+            expected[name][index] = cell
+    for name in labels:
+        np.testing.assert_array_equal(labels[name], expected[name], name)
+    # Drawn OCR images: places name a word of the image, never a shape.
+    for example in synthetic.synthetic_examples("ocr", 10, seed=3, grid=14):
+        labels = synthetic.place_labels(example["meta"], config, 6, 14)
+        assert (labels["color"] == sizes["color"] - 1).all()
+        assert (labels["shape"] == sizes["shape"] - 1).all()
+        named = labels["word"][labels["word"] != sizes["word"] - 1]
+        assert named.size
+        assert {config.words[i] for i in named} <= set(
+            example["meta"]["words"]
+        )
 
 
 def test_captions_list_shapes_in_vocabulary_order():

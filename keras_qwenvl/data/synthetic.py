@@ -16,7 +16,8 @@ Two kinds of images are drawn:
   Pillow >= 10.1) at small random angles over a textured paper background,
   one word per horizontal band, so that reading order (top to bottom) is
   unambiguous. Each word's quad is its rotated ink box: top-left,
-  top-right, bottom-right, bottom-left corners, in pixels.
+  top-right, bottom-right, bottom-left corners, in pixels. With `grid`
+  set, each word's (rotated) layer starts on a multiple of it.
 
 Texts are canonical, so that exact match is learnable: shapes are listed
 in vocabulary order (`shapes` order, then `colors` order) - "a red circle,
@@ -117,8 +118,9 @@ class SyntheticConfig:
             height.
         max_angle: the largest rotation of a word, in degrees.
         grid: None, or a cell size in pixels: shapes then have sides and
-            places on multiples of it (a ViT's patch size, so that each
-            patch holds one part of a shape in a fixed position).
+            places on multiples of it, and words start on multiples of it
+            (a ViT's patch size, so that each patch holds one part of a
+            shape or word in a fixed position).
     """
 
     image_size: object = 112
@@ -402,8 +404,17 @@ def render_words(rng, config):
                 f"with {count} words; use a larger `image_size` or a smaller "
                 "`font_size`."
             )
-        x = int(rng.integers(0, width - layer.size[0] + 1))
-        y = int(number * band + rng.integers(0, int(band - layer.size[1]) + 1))
+        top = number * band
+        bottom = top + band - layer.size[1]  # the lowest top in the band
+        if config.grid:  # the word's layer starts on a grid point
+            step = config.grid
+            x = int(rng.integers(0, (width - layer.size[0]) // step + 1)) * step
+            rows = np.arange(-(-top // step), bottom // step + 1) * step
+            # A band too thin for a grid row keeps its word inside it.
+            y = int(rng.choice(rows)) if len(rows) else int(top)
+        else:
+            x = int(rng.integers(0, width - layer.size[0] + 1))
+            y = int(top + rng.integers(0, int(bottom - top) + 1))
         ink = tuple(int(v) for v in rng.integers(0, 80, 3))
         canvas.paste(ink, (x, y), layer)
         words.append(
@@ -614,53 +625,89 @@ def vocabulary_words(config=None):
     return sorted(words)
 
 
-# What each place of a shapes image holds, for pre-training a vision encoder.
-PLACE_LABELS = ("color", "shape", "x1", "y1", "x2", "y2")
+# What each place of an image holds, for pre-training a vision encoder.
+PLACE_LABELS = ("color", "shape", "word", "x1", "y1", "x2", "y2")
 
 
 def place_label_sizes(config, cell):
     """`{label: number of classes}` of `place_labels`, the last class of
-    each meaning "no shape here"."""
+    each meaning "nothing of this kind here"."""
     cells = -(-max(config.image_size) // cell)
-    sizes = {"color": len(config.colors), "shape": len(config.shapes)}
-    sizes.update({name: cells for name in PLACE_LABELS[2:]})
+    sizes = {
+        "color": len(config.colors),
+        "shape": len(config.shapes),
+        "word": len(config.words),
+    }
+    sizes.update({name: cells for name in PLACE_LABELS[3:]})
     return {name: n + 1 for name, n in sizes.items()}
 
 
-def place_labels(objects, config, grid, cell):
-    """What lies at each place of a `grid` x `grid` lattice over a shapes
-    image: the colour, the kind and the box (in cells of `cell` pixels) of
-    the shape covering the place's centre.
+def _things(meta, config):
+    """`(labels, pixel box, is_word)` of each shape or word of an
+    example's meta: a shape's colour and kind, a word's index; its box
+    `(x1, y1, x2, y2)` with x2, y2 exclusive (a word's is the bounding box
+    of its quad)."""
+    for obj in meta.get("objects", ()):
+        names = {
+            "color": config.colors.index(obj["color"]),
+            "shape": config.shapes.index(obj["shape"]),
+        }
+        yield names, obj["box"], False
+    for word, quad in zip(meta.get("words", ()), meta.get("quads", ())):
+        xs, ys = [p[0] for p in quad], [p[1] for p in quad]
+        box = (min(xs), min(ys), max(xs), max(ys))
+        yield {"word": config.words.index(word)}, box, True
+
+
+def place_labels(meta, config, grid, cell):
+    """What lies at each place of a `grid` x `grid` lattice over a
+    synthetic image: the colour and kind of the shape whose box covers the
+    place's centre, or the word whose box spans the centre's column and
+    whose middle line crosses the place's row (a line of text can be
+    thinner than the lattice's spacing), and that box in cells of `cell`
+    pixels.
 
     A vision encoder pre-trained to name these at each of its output tokens
     (one token per adapter query, queries in raster order on a lattice)
-    learns what and where a shape is before a language model reads it.
+    learns what and where things are before a language model reads them.
 
     Args:
-        objects: a shapes image's `meta["objects"]`.
+        meta: a synthetic example's `meta`: a shapes image's (`objects`)
+            or an OCR image's (`words` and `quads`).
         config: the `SyntheticConfig` that drew it.
         grid: the lattice side (the square root of the adapter's queries).
         cell: the box unit in pixels (the ViT's patch size).
 
     Returns:
         `{label: int array (grid * grid,)}` for every name in
-        `PLACE_LABELS`, in raster order; places on no shape get the last
-        class of `place_label_sizes(config, cell)`.
+        `PLACE_LABELS`, in raster order; where a label does not apply (no
+        shape or word there; a word's colour and kind; a shape's word) it
+        is the last class of `place_label_sizes(config, cell)`.
     """
     sizes = place_label_sizes(config, cell)
     labels = {name: np.full(grid * grid, sizes[name] - 1) for name in sizes}
     width, height = config.image_size
+    things = list(_things(meta, config))
     for index in range(grid * grid):
         row, column = divmod(index, grid)
         x, y = (column + 0.5) * width / grid, (row + 0.5) * height / grid
-        for obj in objects:
-            x1, y1, x2, y2 = obj["box"]
-            if x1 <= x < x2 and y1 <= y < y2:
-                labels["color"][index] = config.colors.index(obj["color"])
-                labels["shape"][index] = config.shapes.index(obj["shape"])
-                corners = (x1, y1, x2 - 1, y2 - 1)  # x2, y2 are exclusive
-                for name, value in zip(PLACE_LABELS[2:], corners):
-                    labels[name][index] = int(value) // cell
+        for names, (x1, y1, x2, y2), is_word in things:
+            if is_word:
+                middle = (y1 + y2) / 2 * grid / height
+                inside = x1 <= x < x2 and row <= middle < row + 1
+            else:
+                inside = x1 <= x < x2 and y1 <= y < y2
+            if inside:
+                for name, value in names.items():
+                    labels[name][index] = value
+                # x2, y2 are exclusive; clipped into the image.
+                corners = (x1, y1, x2 - 1, y2 - 1)
+                limits = (width, height, width, height)
+                for name, value, limit in zip(
+                    PLACE_LABELS[3:], corners, limits
+                ):
+                    value = min(max(int(value), 0), limit - 1)
+                    labels[name][index] = value // cell
     return labels
 
 

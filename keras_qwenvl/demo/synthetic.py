@@ -6,8 +6,8 @@
 
 First the vision encoder is pre-trained on its own (the paper starts from
 a pre-trained ViT): a dense head on each of its output tokens names the
-colour, kind and box of the shape at that token's place
-(`pretrain_vision`, `keras_qwenvl.data.synthetic.place_labels`). Then
+colour and kind of the shape, or the word, at that token's place and its
+box (`pretrain_vision`, `keras_qwenvl.data.synthetic.place_labels`). Then
 the paper's three stages with `model.fit()`: stage 1 trains the vision
 encoder and adapter on captions with the language model frozen, stage 2
 trains everything on the multi-task mixture (captions, grounded captions,
@@ -15,8 +15,9 @@ referring grounding, VQA, OCR with quads, text) packed into fixed-length
 rows, stage 3 freezes the ViT and tunes adapter and language model on
 multi-turn chats mixed with the tasks. The data is drawn on the fly
 (`keras_qwenvl.data.synthetic`): shapes of random colour, size and place
-(on the ViT's patch grid, see `Settings.shapes_on_patch_grid`), and words rendered
-over textured paper. The vocabulary is byte-level with
+(on the ViT's patch grid, see `Settings.on_patch_grid`), and words of one
+font size rendered at random places (on the grid) and angles over textured
+paper. The vocabulary is byte-level with
 the Qwen special tokens, so nothing is downloaded; the words the synthetic
 texts use are single tokens of it (byte-pair merges), so that a caption is
 a few tokens and its colour and shape words carry most of its loss.
@@ -69,10 +70,16 @@ class Settings:
     # stops passing shape information on, and after the vision pre-training
     # a low rate keeps what it learned (README, "The main job").
     vision_learning_rate_multiplier: float = 0.05
-    # Shapes are drawn with sides and places on the ViT's patch grid (False:
-    # anywhere), so that each patch holds one part of a shape in a fixed
-    # position; a from-scratch ViT learns shapes several times faster so.
-    shapes_on_patch_grid: bool = True
+    # Shapes are drawn with sides and places on the ViT's patch grid, and
+    # words start on it (False: anywhere), so that each patch holds one
+    # part of a shape or word in a fixed position; a from-scratch ViT
+    # learns shapes several times faster so, and words only so.
+    on_patch_grid: bool = True
+    # The words' font size (a fraction of the image height, min and max)
+    # and largest angle in degrees. A from-scratch ViT reads words of one
+    # size within minutes, not words of several.
+    font_size: tuple = (0.16, 0.16)
+    max_angle: float = 10.0
     # From scratch, the ViT's position table starts as a 2D sin-cos table
     # and each adapter query starts biased towards its own place
     # (`QwenVLVisionEncoder(spatial_start=True)`).
@@ -81,8 +88,10 @@ class Settings:
     # its output tokens, the colour, kind and box of the shape at that
     # token's place (the paper starts from a pre-trained ViT; end to end a
     # from-scratch encoder does not learn places within the budget).
-    vision_pretraining_steps: int = 1000
-    vision_pretraining_learning_rate: float = 1.5e-4
+    vision_pretraining_steps: int = 3000
+    vision_pretraining_learning_rate: float = 5e-4
+    # The share of OCR images (the rest are shapes images) in it.
+    vision_pretraining_ocr_share: float = 0.5
     # Image slots per packed row: each slot costs a ViT pass, used or not.
     max_images_per_row: int = 3
     eval_images: int = 200
@@ -157,8 +166,13 @@ def build_model(settings, vocabulary_dir):
 
 def data_config(settings):
     """`SyntheticConfig` fields of the run's data (training and held-out)."""
-    grid = settings.patch_size if settings.shapes_on_patch_grid else None
-    return {"image_size": settings.image_size, "grid": grid}
+    grid = settings.patch_size if settings.on_patch_grid else None
+    return {
+        "image_size": settings.image_size,
+        "grid": grid,
+        "font_size": tuple(settings.font_size),
+        "max_angle": settings.max_angle,
+    }
 
 
 def learning_rate_multipliers(model, settings):
@@ -200,13 +214,14 @@ def pretrain_vision(model, settings):
     """Stage 0: the vision encoder learns what lies where.
 
     A dense head on each of the encoder's output tokens (one per adapter
-    query, on a lattice over the image) names the colour, kind and box
-    cells of the shape at that query's place (`place_labels`), on shapes
-    images drawn on the fly; AdamW with the recipe's betas, a linear
-    warm-up and a cosine decay. The heads are dropped afterwards.
+    query, on a lattice over the image) names what lies at that query's
+    place (`place_labels`): the colour and kind of a shape, or a word, and
+    its box in cells, on shapes and OCR images drawn on the fly; AdamW with
+    the recipe's betas, a linear warm-up and a cosine decay. The heads are
+    dropped afterwards.
 
     Returns:
-        The per-step losses (the sum over the six labels).
+        The per-step losses (the sum over the labels).
     """
     import keras
 
@@ -225,10 +240,13 @@ def pretrain_vision(model, settings):
     cell = settings.patch_size
     sizes = place_label_sizes(config, cell)
     batch_size = settings.batch_size
+    # Shapes images (drawn for captions) and OCR images.
+    share = settings.vision_pretraining_ocr_share
+    tasks = {"caption": 1 - share, "ocr": share} if share else "caption"
     source = SyntheticSource(
         steps * batch_size,
         seed=settings.seed * 1000,
-        tasks="caption",
+        tasks=tasks,
         config=config,
     )
 
@@ -242,8 +260,7 @@ def pretrain_vision(model, settings):
             ]
             images = np.stack([e["images"][0] for e in examples])
             labels = [
-                place_labels(e["meta"]["objects"], config, grid, cell)
-                for e in examples
+                place_labels(e["meta"], config, grid, cell) for e in examples
             ]
             return (
                 keras.ops.convert_to_numpy(converter(images)),
