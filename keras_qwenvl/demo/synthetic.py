@@ -58,6 +58,7 @@ class Settings:
     vision_layers: int = 4
     hidden_dim: int = 256
     num_layers: int = 4
+    head_dim: int = 64
     sequence_length: int = 256
     batch_size: int = 16
     stage_steps: tuple = (30, 600, 120)
@@ -149,7 +150,7 @@ def build_model(settings, vocabulary_dir):
     backbone = QwenVLBackbone(
         vocabulary_size=tokenizer.vocabulary_size(),
         num_layers=s.num_layers,
-        num_heads=s.hidden_dim // 64,
+        num_heads=s.hidden_dim // s.head_dim,
         hidden_dim=s.hidden_dim,
         intermediate_dim=int(s.hidden_dim * 8 / 3),
         seq_length=s.sequence_length,
