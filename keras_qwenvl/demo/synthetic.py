@@ -69,7 +69,7 @@ class Settings:
     # The vision encoder (ViT and adapter) learns at this fraction of the
     # stage's rate: at the decoder's rate the adapter's cross-attention
     # stops passing shape information on, and after the vision pre-training
-    # a low rate keeps what it learned (README, "The main job").
+    # a low rate keeps what it learned (docs/main_job.md).
     vision_learning_rate_multiplier: float = 0.05
     # Shapes are drawn with sides and places on the ViT's patch grid, and
     # words start on it (False: anywhere), so that each patch holds one
@@ -77,8 +77,8 @@ class Settings:
     # learns shapes several times faster so, and words only so.
     on_patch_grid: bool = True
     # The words' font size (a fraction of the image height, min and max)
-    # and largest angle in degrees. A from-scratch ViT reads words of one
-    # size within minutes, not words of several.
+    # and largest angle in degrees. A from-scratch ViT learns to read words
+    # of one size within minutes, not words of several (docs/main_job.md).
     font_size: tuple = (0.16, 0.16)
     max_angle: float = 10.0
     # From scratch, the ViT's position table starts as a 2D sin-cos table
@@ -86,9 +86,10 @@ class Settings:
     # (`QwenVLVisionEncoder(spatial_start=True)`).
     spatial_start: bool = True
     # Before stage 1 the vision encoder learns, with a dense head on each of
-    # its output tokens, the colour, kind and box of the shape at that
-    # token's place (the paper starts from a pre-trained ViT; end to end a
-    # from-scratch encoder does not learn places within the budget).
+    # its output tokens, the colour and kind of the shape, or the word, at
+    # that token's place and its box (the paper starts from a pre-trained
+    # ViT; end to end a from-scratch encoder learns neither places nor
+    # words within the budget).
     vision_pretraining_steps: int = 3000
     vision_pretraining_learning_rate: float = 5e-4
     # The share of OCR images (the rest are shapes images) in it.
