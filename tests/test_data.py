@@ -136,6 +136,44 @@ def test_grounding_prompt_with_box_tokenizes_as_the_training_prompt(
     ) == "<box>"
 
 
+def test_grounding_with_the_phrase_in_the_response(preprocessor, tokenizer):
+    """The same tokens as the original format; the loss also covers the
+    phrase and `</ref>`, and `grounding_prompt` is a prefix of the
+    sample, so evaluation prompts a model trained on either format."""
+    image = wide_image()
+    box = (20, 10, 100, 50)
+    example = tasks.grounding_example(
+        image, "the cat", box, phrase_in_response=True
+    )
+    assert example["prompts"] == "<img></img><ref>"
+    assert example["responses"] == (
+        "the cat</ref><box>(100,100),(500,500)</box>"
+    )
+    x, y, weights = preprocessor(example)
+    original = tasks.grounding_example(image, "the cat", box)
+    x0, y0, weights0 = preprocessor(original)
+    numpy = keras.ops.convert_to_numpy
+    np.testing.assert_array_equal(
+        numpy(x["token_ids"]), numpy(x0["token_ids"])
+    )
+    np.testing.assert_array_equal(numpy(y), numpy(y0))
+    labels, weights = numpy(y), numpy(weights)
+    assert tokenizer.detokenize(labels[weights > 0].tolist()) == (
+        "the cat</ref><box>(100,100),(500,500)</box><|endoftext|>"
+    )
+    labels0 = labels[numpy(weights0) > 0].tolist()
+    assert tokenizer.detokenize(labels0) == (
+        "<box>(100,100),(500,500)</box><|endoftext|>"
+    )
+    prompt = preprocessor.generate_preprocess(
+        {"prompts": tasks.grounding_prompt("the cat"), "images": [image]}
+    )
+    length = int(np.sum(numpy(prompt["padding_mask"])))
+    np.testing.assert_array_equal(
+        numpy(prompt["token_ids"])[:length], numpy(x["token_ids"])[:length]
+    )
+
+
 def test_regions_outside_the_image_are_errors():
     image = wide_image()
     with pytest.raises(tasks.BoxOutsideImageError, match="outside the image"):
@@ -175,9 +213,22 @@ def test_make_example_dispatches_and_checks_fields():
     with pytest.raises(ValueError, match="Unknown task 'poem'"):
         tasks.make_example("poem", text="x")
     with pytest.raises(
-        ValueError, match=r"takes the fields \['image', 'caption'\]"
+        ValueError,
+        match=r"takes the fields \['image', 'caption'\].*missing "
+        r"\['caption'\], unknown \['text'\]",
     ):
         tasks.make_example("caption", image=image, text="x")
+    # Optional fields may be given or left out.
+    assert tasks.make_example(
+        "grounding", image=image, phrase="x", box=(0, 0, 5, 5)
+    ) == tasks.grounding_example(image, "x", (0, 0, 5, 5))
+    assert tasks.make_example(
+        "grounding",
+        image=image,
+        phrase="x",
+        box=(0, 0, 5, 5),
+        phrase_in_response=True,
+    ) == tasks.grounding_example(image, "x", (0, 0, 5, 5), True)
 
 
 # Readers.
@@ -591,12 +642,12 @@ def test_place_labels_name_the_word_at_each_place():
         )
 
 
-def test_captions_list_shapes_in_vocabulary_order():
+def test_captions_list_shapes_by_colour_then_kind():
     config = synthetic.SyntheticConfig()
     for example in synthetic.synthetic_examples("caption", 40, seed=2):
         objects = example["meta"]["objects"]
         keys = [
-            (config.shapes.index(o["shape"]), config.colors.index(o["color"]))
+            (config.colors.index(o["color"]), config.shapes.index(o["shape"]))
             for o in objects
         ]
         assert keys == sorted(keys) and len(set(keys)) == len(keys)
@@ -623,6 +674,20 @@ def test_grounding_and_vqa_answers_match_the_image():
         ]
         np.testing.assert_allclose(
             region["box"], target["box"], atol=size[0] / 1000
+        )
+    # The phrase may go in the response instead: same images, boxes and
+    # meta, prompt + response the same text.
+    original = synthetic.synthetic_examples("grounding", 5, seed=5)
+    moved = synthetic.synthetic_examples(
+        "grounding", 5, seed=5, grounding_phrase_in_response=True
+    )
+    for a, b in zip(original, moved):
+        np.testing.assert_array_equal(a["images"][0], b["images"][0])
+        assert a["meta"] == b["meta"]
+        assert b["prompts"] == "<img></img><ref>"
+        assert b["responses"].startswith(a["meta"]["phrase"] + "</ref><box>")
+        assert (
+            a["prompts"] + a["responses"] == b["prompts"] + b["responses"]
         )
     for example in synthetic.synthetic_examples("vqa", 60, seed=6):
         meta = example["meta"]

@@ -20,8 +20,13 @@ Two kinds of images are drawn:
   set, each word's (rotated) layer starts on a multiple of it.
 
 Texts are canonical, so that exact match is learnable: shapes are listed
-in vocabulary order (`shapes` order, then `colors` order) - "a red circle,
-a blue square and a green cross" - and words in reading order.
+by colour, then kind (`colors` order, then `shapes` order) - "a red
+circle, a red cross and a blue square" - and words in reading order. A
+caption names the colour before the kind, so in this order each next word
+is a lookup of the words before it (the first colour present, then the
+kind of that colour's shape), as when naming "the red circle"; listed by
+kind first, the colour word would have to anticipate the kind that
+follows it.
 
 Tasks (`TASKS`): "caption", "grounded_caption", "grounding" (referring
 expression "the red circle" -> its box), "vqa" (the colour of a shape, how
@@ -121,6 +126,9 @@ class SyntheticConfig:
             places on multiples of it, and words start on multiples of it
             (a ViT's patch size, so that each patch holds one part of a
             shape or word in a fixed position).
+        grounding_phrase_in_response: referring-grounding examples put the
+            phrase in the response (`tasks.grounding_example`'s
+            `phrase_in_response`), so that the loss is on it too.
     """
 
     image_size: object = 112
@@ -134,6 +142,7 @@ class SyntheticConfig:
     font_size: tuple = (0.14, 0.2)
     max_angle: float = 10.0
     grid: object = None
+    grounding_phrase_in_response: bool = False
 
     def __post_init__(self):
         size = self.image_size
@@ -258,7 +267,8 @@ def render_shapes(rng, config):
 
     Returns:
         `(image, objects)`: a uint8 `(H, W, 3)` array and the shapes in
-        vocabulary order, each `{"color", "shape", "box"}` with `box` the
+        caption order (by colour, then kind), each `{"color", "shape",
+        "box"}` with `box` the
         tight pixel box `(x1, y1, x2, y2)` of its drawn pixels (x2, y2
         exclusive).
     """
@@ -296,7 +306,7 @@ def render_shapes(rng, config):
         left, top, right, bottom = mask.getbbox()
         box = (x + left, y + top, x + right, y + bottom)
         placed.append((shape, color, box))
-    placed.sort(key=lambda p: (p[0], p[1]))
+    placed.sort(key=lambda p: (p[1], p[0]))  # colour, kind
     objects = [
         {
             "color": config.colors[color],
@@ -576,7 +586,10 @@ def _make_example(task, rng, config):
         obj = objects[int(rng.integers(len(objects)))]
         meta.update(phrase=f"the {_phrase(obj)}", box=obj["box"])
         example = task_formats.grounding_example(
-            image, meta["phrase"], obj["box"]
+            image,
+            meta["phrase"],
+            obj["box"],
+            phrase_in_response=config.grounding_phrase_in_response,
         )
     elif task == "vqa":
         question, answer = _vqa(rng, objects, config)

@@ -189,16 +189,28 @@ def grounded_caption_example(image, parts):
     )
 
 
-def grounding_example(image, phrase, box):
+def grounding_example(image, phrase, box, phrase_in_response=False):
     """Referring grounding: a phrase in, its box out.
 
     Args:
         image: the image (array, PIL image or path).
         phrase: the referring expression, e.g. "the red circle".
         box: its pixel box `(x1, y1, x2, y2)`.
+        phrase_in_response: False (the original's format): the phrase is
+            in the prompt, `<img></img><ref>{phrase}</ref>` ->
+            `<box>...</box>`. True: the prompt stops at `<ref>` and the
+            response is `{phrase}</ref><box>...</box>`, so the loss is also
+            on the phrase (the form of a grounded answer in a chat). The
+            tokens are the same either way; `grounding_prompt(phrase)`
+            prompts a model trained on either.
     """
-    response = _region_text(boxes.format_box, box, image_size(image))
-    return _example("grounding", grounding_prompt(phrase), response, [image])
+    box_text = _region_text(boxes.format_box, box, image_size(image))
+    if phrase_in_response:
+        prompt = IMAGE_PLACEHOLDER + "<ref>"
+        response = f"{phrase}</ref>{box_text}"
+    else:
+        prompt, response = grounding_prompt(phrase), box_text
+    return _example("grounding", prompt, response, [image])
 
 
 def vqa_example(image, question, answer):
@@ -255,10 +267,14 @@ def make_example(task, **fields):
             f"Unknown task {task!r}; expected one of {sorted(TASKS)}."
         )
     function = TASKS[task]
-    names = list(inspect.signature(function).parameters)
-    if sorted(names) != sorted(fields):
+    parameters = inspect.signature(function).parameters
+    required = [n for n, p in parameters.items() if p.default is p.empty]
+    missing = [n for n in required if n not in fields]
+    unknown = [n for n in fields if n not in parameters]
+    if missing or unknown:
         raise ValueError(
-            f"Task {task!r} takes the fields {names}; received "
-            f"{sorted(fields)}."
+            f"Task {task!r} takes the fields {required} (optional: "
+            f"{[n for n in parameters if n not in required]}); missing "
+            f"{missing}, unknown {unknown}."
         )
     return function(**fields)

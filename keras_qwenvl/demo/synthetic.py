@@ -81,6 +81,13 @@ class Settings:
     # of one size within minutes, not words of several (docs/main_job.md).
     font_size: tuple = (0.16, 0.16)
     max_angle: float = 10.0
+    # Referring-grounding training samples put the phrase in the response
+    # (`<img></img><ref>` -> `the red circle</ref><box>...</box>`), so that
+    # the loss is on it too; held-out prompts are the original's
+    # `<img></img><ref>the red circle</ref>`, the same tokens. The decoder
+    # then finds the named one of several shapes far more often
+    # (docs/main_job.md).
+    grounding_phrase_in_response: bool = True
     # From scratch, the ViT's position table starts as a 2D sin-cos table
     # and each adapter query starts biased towards its own place
     # (`QwenVLVisionEncoder(spatial_start=True)`).
@@ -174,6 +181,7 @@ def data_config(settings):
         "grid": grid,
         "font_size": tuple(settings.font_size),
         "max_angle": settings.max_angle,
+        "grounding_phrase_in_response": settings.grounding_phrase_in_response,
     }
 
 
