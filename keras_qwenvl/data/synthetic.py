@@ -268,9 +268,8 @@ def render_shapes(rng, config):
     Returns:
         `(image, objects)`: a uint8 `(H, W, 3)` array and the shapes in
         caption order (by colour, then kind), each `{"color", "shape",
-        "box"}` with `box` the
-        tight pixel box `(x1, y1, x2, y2)` of its drawn pixels (x2, y2
-        exclusive).
+        "box"}` with `box` the tight pixel box `(x1, y1, x2, y2)` of its
+        drawn pixels (x2, y2 exclusive).
     """
     width, height = config.image_size
     canvas = _grey_background(
