@@ -115,6 +115,48 @@ def test_packed_batches_are_fuller_and_keep_every_sample(preprocessor):
     assert total(packed_batches) == pytest.approx(total(plain_batches))
 
 
+def test_task_loss_weights_scale_only_their_tasks_tokens(preprocessor):
+    examples = mixed_examples(12)
+    tasks = [e["task"] for e in examples]
+    assert {"caption", "vqa", "text"} <= set(tasks)
+    common = dict(batch_size=4, shuffle=False, drop_remainder=False)
+    plain = list(data_loader.QwenVLDataLoader(examples, preprocessor, **common))
+    weighted = list(
+        data_loader.QwenVLDataLoader(
+            examples, preprocessor,
+            task_loss_weights={"caption": 3.0, "text": 0}, **common,
+        )
+    )
+    rows = lambda batches, i: np.concatenate([b[i] for b in batches])
+    want = {"caption": 3.0, "vqa": 1.0, "text": 0.0}
+    for row, task in enumerate(tasks):
+        assert rows(plain, 2)[row].sum() > 0
+        np.testing.assert_array_equal(
+            rows(weighted, 2)[row], want[task] * rows(plain, 2)[row]
+        )
+        np.testing.assert_array_equal(
+            rows(weighted, 1)[row], rows(plain, 1)[row]
+        )
+    # Packed rows (one task each) keep the weights.
+    packed = data_loader.QwenVLDataLoader(
+        examples, preprocessor, pack=True, sequence_length=3 * LENGTH,
+        packing_window=12, task_loss_weights={"caption": 3.0}, **common,
+    )
+    total = sum(float(b[2].sum()) for b in packed)
+    weights = rows(plain, 2).sum(axis=1)
+    per_task = {
+        t: sum(float(w) for w, task in zip(weights, tasks) if task == t)
+        for t in want
+    }
+    assert total == pytest.approx(
+        3 * per_task["caption"] + per_task["vqa"] + per_task["text"]
+    )
+    with pytest.raises(ValueError, match="task_loss_weights.*>= 0"):
+        data_loader.QwenVLDataLoader(
+            examples, preprocessor, task_loss_weights={"ocr": -1.0}
+        )
+
+
 def test_seeds_shuffle_and_repeat(preprocessor):
     examples = mixed_examples(8)
 

@@ -208,11 +208,19 @@ class _Preprocess:
     `readers.BadSampleError`.
     """
 
-    def __init__(self, preprocessor, sequence_length, max_images, image_dir):
+    def __init__(
+        self,
+        preprocessor,
+        sequence_length,
+        max_images,
+        image_dir,
+        task_loss_weights=None,
+    ):
         self.preprocessor = preprocessor
         self.sequence_length = sequence_length
         self.max_images = max_images
         self.image_dir = image_dir
+        self.task_loss_weights = dict(task_loss_weights or {})
 
     def __call__(self, item):
         index, example = item
@@ -244,13 +252,15 @@ class _Preprocess:
             raise readers.BadSampleError(
                 name, reason, _strip_index(error)
             ) from None
+        task = example.get("task")
+        scale = self.task_loss_weights.get(task, 1.0)
         record = {
             "name": name,
-            "task": example.get("task"),
+            "task": task,
             "token_ids": np.asarray(x["token_ids"]),
             "padding_mask": np.asarray(x["padding_mask"]),
             "y": np.asarray(y),
-            "sample_weight": np.asarray(sample_weight),
+            "sample_weight": np.asarray(sample_weight, "float32") * scale,
         }
         if "images" in x:
             images = np.asarray(x["images"])
@@ -379,6 +389,11 @@ class QwenVLDataLoader:
             the pipeline in this process. Needs a picklable, random-access
             source.
         image_dir: the folder of relative image paths, or `None`.
+        task_loss_weights: `{task: weight}`: the loss weight of every
+            target token of the examples of a task (their `task` field;
+            1 for the others), e.g. `{"caption": 3.0}` to make a task
+            whose responses are a few tokens count as much as a task
+            with long ones. Weights are >= 0.
 
     A bad example raises a `readers.BadSampleError` naming it (its id,
     else its index in the source) when it is reached. To skip and count
@@ -415,6 +430,7 @@ class QwenVLDataLoader:
         drop_remainder=True,
         num_workers=0,
         image_dir=None,
+        task_loss_weights=None,
     ):
         if batch_size < 1:
             raise ValueError(
@@ -470,6 +486,16 @@ class QwenVLDataLoader:
         self.drop_remainder = bool(drop_remainder)
         self.num_workers = int(num_workers)
         self.image_dir = image_dir
+        self.task_loss_weights = dict(task_loss_weights or {})
+        negative = {
+            task: weight
+            for task, weight in self.task_loss_weights.items()
+            if not weight >= 0
+        }
+        if negative:
+            raise ValueError(
+                f"`task_loss_weights` must be >= 0. Received: {negative}"
+            )
         self.num_loss_positions = getattr(
             preprocessor, "num_loss_positions", None
         )
@@ -516,7 +542,11 @@ class QwenVLDataLoader:
         length = self.sequence_length + 1 if self.pack else self.sequence_length
         ds = self._examples().map(
             _Preprocess(
-                self.preprocessor, length, self.max_images, self.image_dir
+                self.preprocessor,
+                length,
+                self.max_images,
+                self.image_dir,
+                self.task_loss_weights,
             )
         )
         if self.pack:
