@@ -7,9 +7,9 @@ nothing is downloaded, and then:
 
 1. prefill: one forward pass over a 300-token prompt holding one 448x448
    image (tokens/s);
-2. generation: 64 new greedy tokens after that prompt at batch 1 and 16
-   (decoding tokens/s, from two calls that share one compiled function, as
-   in `benchmark.py`);
+2. generation: 64 new greedy tokens (`--new-tokens`) after that prompt at
+   batch 1 and 16 (decoding tokens/s, from two calls that share one
+   compiled function, as in `benchmark.py`);
 3. training: stage-3 steps with LoRA (rank 64, alpha 16 on the decoder's
    attention and MLP projections, the original `finetune.py`'s defaults;
    everything else frozen), or with `--training stage3` the full stage 3
@@ -30,7 +30,8 @@ tokens; frozen weights get no weight gradients; the LoRA matrices are
     python benchmarks/full_model.py --config tiny   # a CPU smoke run
 
 `--config tiny` runs the same steps on a small configuration (any machine,
-a minute on CPU); the test suite runs it on every backend.
+a minute or a few on CPU); the test suite runs it on every backend with
+300-token training rows and 16 new tokens.
 """
 
 import argparse
@@ -145,7 +146,14 @@ def stage3_training(workload, causal_lm, rows, length, steps, lora):
     return seconds, float(np.asarray(loss).reshape(-1)[0]), trained
 
 
-def run(config_name, train_length, train_rows, train_steps, lora=True):
+def run(
+    config_name,
+    train_length,
+    train_rows,
+    train_steps,
+    lora=True,
+    new_tokens=NEW_TOKENS,
+):
     import keras
 
     from keras_qwenvl.presets import PUBLISHED_CONFIG
@@ -183,11 +191,11 @@ def run(config_name, train_length, train_rows, train_steps, lora=True):
     report["prefill_tokens_per_s"] = round(prompt / seconds, 1)
     memory["after_prefill"], _ = peak_memory()
 
-    # 2. Greedy generation of NEW_TOKENS tokens.
+    # 2. Greedy generation of `new_tokens` tokens.
     report["decode_tokens_per_s"] = {}
     for rows in GENERATE_BATCHES:
         result = benchmark.measure_generation(
-            workload, causal_lm, rows, NEW_TOKENS, 2, ttft=False
+            workload, causal_lm, rows, new_tokens, 2, ttft=False
         )
         step = result["step_seconds"]
         report["decode_tokens_per_s"][f"batch_{rows}"] = (
@@ -233,8 +241,17 @@ def main(argv=None):
         default="lora",
         help="LoRA adapters only, or stage 3 in full (everything but the ViT)",
     )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        default=NEW_TOKENS,
+        help="greedy tokens per generation, >= 2 (decoding speed is the "
+        "time of new_tokens - 1 steps)",
+    )
     parser.add_argument("--out", default=None, help="folder for result.json")
     args = parser.parse_args(argv)
+    if args.new_tokens < 2:
+        parser.error(f"--new-tokens must be >= 2, got {args.new_tokens}")
     length = args.train_length or (2048 if args.config == "published" else 384)
     report = run(
         args.config,
@@ -242,6 +259,7 @@ def main(argv=None):
         args.train_rows,
         args.train_steps,
         lora=args.training == "lora",
+        new_tokens=args.new_tokens,
     )
     print(json.dumps(report, indent=2))
     if args.out:
