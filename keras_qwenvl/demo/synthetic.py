@@ -88,6 +88,13 @@ class Settings:
     # then finds the named one of several shapes far more often
     # (docs/main_job.md).
     grounding_phrase_in_response: bool = True
+    # Loss weights of each task's target tokens in the stages
+    # (`QwenVLDataLoader(task_loss_weights=...)`; 1 for a task not named).
+    # A caption is a few tokens against an OCR sample's ~90, so captions
+    # carry ~3% of the stage-2 loss; {"caption": 3.0} with more captions
+    # and VQA in the mixture raised captions and lowered grounding
+    # (docs/main_job.md, "The mixture").
+    task_loss_weights: dict = dataclasses.field(default_factory=dict)
     # From scratch, the ViT's position table starts as a 2D sin-cos table
     # and each adapter query starts biased towards its own place
     # (`QwenVLVisionEncoder(spatial_start=True)`).
@@ -354,6 +361,7 @@ def train(model, settings):
             max_images=settings.max_images_per_row if stage == 2 else None,
             repeat=True,
             seed=settings.seed,
+            task_loss_weights=settings.task_loss_weights,
         )
         losses = step_losses()
         print(f"\nStage {stage}: {steps} steps, tasks {STAGE_TASKS[stage]}")
