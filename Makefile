@@ -3,6 +3,11 @@
 PYTHON ?= python
 BACKENDS ?= jax torch tensorflow
 PYTEST_ARGS ?=
+# Test processes per backend (pytest-xdist; each test file stays in one
+# process, so module fixtures run once). Most of a test's time is XLA
+# compiling or Python tracing on one core, so two processes keep a 2-core
+# machine busy; 0 runs the suite in this process.
+PYTEST_WORKERS ?= 2
 # The CPU wheel of PyTorch; an unpinned `torch` would pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -19,6 +24,7 @@ check:
 	for backend in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$backend"; \
 		KERAS_BACKEND=$$backend TF_CPP_MIN_LOG_LEVEL=3 \
-			$(PYTHON) -m pytest -q $(PYTEST_ARGS) || status=1; \
+			$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile \
+			$(PYTEST_ARGS) || status=1; \
 	done; \
 	exit $$status
