@@ -34,32 +34,7 @@ def pytest_addoption(parser):
     )
 
 
-# The slowest files first (the JAX suite's order of time; the others
-# follow in their usual order): with `make test`'s two processes taking
-# whole files, a long file started last would run on alone.
-SLOW_FILES = (
-    "test_notebooks.py",
-    "test_distribution.py",
-    "test_model.py",
-    "test_train_synthetic.py",
-    "test_golden.py",
-    "test_full_model_script.py",
-    "test_training.py",
-    "test_resume.py",
-    "test_quantize.py",
-    "test_loss_positions.py",
-    "test_convert.py",
-    "test_evaluation.py",
-)
-
-
-def _file_rank(item):
-    name = os.path.basename(str(item.fspath))
-    return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
-
-
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_file_rank)  # stable: each file keeps its own order
     for item in items:
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(pytest.mark.skip(reason="slow: needs --run-slow"))
