@@ -220,7 +220,7 @@ class _Preprocess:
         self.sequence_length = sequence_length
         self.max_images = max_images
         self.image_dir = image_dir
-        self.task_loss_weights = dict(task_loss_weights or {})
+        self.task_loss_weights = task_loss_weights or {}
 
     def __call__(self, item):
         index, example = item
