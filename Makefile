@@ -9,6 +9,11 @@ PYTEST_ARGS ?=
 # processes took the suite from 43 to 31.5 minutes; 0 runs the suite in
 # this process.
 PYTEST_WORKERS ?= 2
+# Math threads per test process (OpenMP: PyTorch's CPU kernels, oneDNN).
+# Two processes with a thread per core each oversubscribe a 2-core machine,
+# and OpenMP threads that wait by spinning then slow each other down: one
+# thread each took the PyTorch suite from 8.0 to 5.7 minutes.
+OMP_THREADS ?= 1
 # The CPU wheel of PyTorch; an unpinned `torch` would pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -25,6 +30,7 @@ check:
 	for backend in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$backend"; \
 		KERAS_BACKEND=$$backend TF_CPP_MIN_LOG_LEVEL=3 \
+			OMP_NUM_THREADS=$(OMP_THREADS) \
 			$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile \
 			$(PYTEST_ARGS) || status=1; \
 	done; \

@@ -22,6 +22,20 @@ SHARED = os.environ.get(
 GOLDEN = os.path.join(SHARED, "golden")
 CACHE = os.path.join(REPO, ".cache")
 
+# JAX's persistent compilation cache, shared by the test processes and the
+# subprocesses they start (notebook kernels, example scripts): most of a
+# JAX test's time is XLA compiling, and tests that build the same model
+# compile the same programs. Set before JAX is imported, so that it reads
+# them; a value in the environment wins, and an empty directory turns the
+# cache off. Under `.cache/`, so a rerun on the same machine starts warm.
+for _name, _value in (
+    ("JAX_COMPILATION_CACHE_DIR", os.path.join(CACHE, "jax_compilation")),
+    ("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0"),
+    ("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0"),
+    ("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024**3)),
+):
+    os.environ.setdefault(_name, _value)
+
 
 def pytest_addoption(parser):
     parser.addoption(
