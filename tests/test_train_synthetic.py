@@ -90,3 +90,37 @@ def test_vision_pretraining_changes_only_the_vision_encoder(tmp_path):
     assert encoder.patch_embedding.kernel.path in changed
     # The heads are not part of the model.
     assert len(model.weights) == len(before)
+
+
+def test_stage_mixtures_come_from_the_settings(tmp_path, monkeypatch):
+    from keras_qwenvl.data import synthetic as data_synthetic
+
+    defaults = train_synthetic.Settings()
+    assert defaults.stage_tasks == data_synthetic.STAGE_TASKS
+    defaults.stage_tasks[2]["ocr"] = 99  # a copy: the module's table stays
+    assert data_synthetic.STAGE_TASKS[2]["ocr"] != 99
+
+    mixture = {1: {"caption": 1}, 2: {"ocr": 2, "vqa": 1}, 3: {"chat": 1}}
+    settings = train_synthetic.Settings(
+        **dict(train_synthetic.QUICK, stage_tasks=mixture)
+    )
+    model = train_synthetic.build_model(settings, str(tmp_path))
+    seen = []
+
+    class Drawn(Exception):
+        pass
+
+    def source(count, seed, tasks, **config):
+        seen.append(tasks)
+        raise Drawn
+
+    monkeypatch.setattr(data_synthetic, "SyntheticSource", source)
+    for stage in (1, 2, 3):
+        steps = [0, 0, 0]
+        steps[stage - 1] = 1
+        settings.stage_steps = tuple(steps)
+        with pytest.raises(Drawn):
+            train_synthetic.train(model, settings)
+    with pytest.raises(Drawn):
+        train_synthetic.probe_batch(model, settings)
+    assert seen == [mixture[1], mixture[2], mixture[3], mixture[2]]

@@ -47,6 +47,12 @@ from PIL import Image
 from PIL import ImageDraw
 
 
+def _stage_tasks():
+    from keras_qwenvl.data.synthetic import STAGE_TASKS
+
+    return {stage: dict(tasks) for stage, tasks in STAGE_TASKS.items()}
+
+
 @dataclasses.dataclass
 class Settings:
     """Everything that defines a run (recorded in metrics.json)."""
@@ -95,6 +101,10 @@ class Settings:
     # and VQA in the mixture raised captions and lowered grounding
     # (docs/main_job.md, "The mixture").
     task_loss_weights: dict = dataclasses.field(default_factory=dict)
+    # Each stage's task mixture, {stage: {task: parts}} (the probe batch
+    # is drawn from stage 2's); `keras_qwenvl.data.synthetic.STAGE_TASKS`
+    # by default.
+    stage_tasks: dict = dataclasses.field(default_factory=_stage_tasks)
     # From scratch, the ViT's position table starts as a 2D sin-cos table
     # and each adapter query starts biased towards its own place
     # (`QwenVLVisionEncoder(spatial_start=True)`).
@@ -324,7 +334,6 @@ def train(model, settings):
     import keras
 
     from keras_qwenvl.data.loader import QwenVLDataLoader
-    from keras_qwenvl.data.synthetic import STAGE_TASKS
     from keras_qwenvl.data.synthetic import SyntheticSource
     from keras_qwenvl.training import recipe_optimizer
     from keras_qwenvl.training import set_stage
@@ -347,10 +356,11 @@ def train(model, settings):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             weighted_metrics=["sparse_categorical_accuracy"],
         )
+        tasks = settings.stage_tasks[stage]
         source = SyntheticSource(
             steps * settings.batch_size * 4,
             seed=settings.seed * 1000 + stage,
-            tasks=STAGE_TASKS[stage],
+            tasks=tasks,
             **data_config(settings),
         )
         loader = QwenVLDataLoader(
@@ -364,7 +374,7 @@ def train(model, settings):
             task_loss_weights=settings.task_loss_weights,
         )
         losses = step_losses()
-        print(f"\nStage {stage}: {steps} steps, tasks {STAGE_TASKS[stage]}")
+        print(f"\nStage {stage}: {steps} steps, tasks {tasks}")
         model.fit(
             loader.dataset(),
             epochs=1,
@@ -507,13 +517,12 @@ def draw_losses(curves, path, width=640, height=320):
 def probe_batch(model, settings):
     """A fixed batch of the stage-2 mixture (a seed never trained on)."""
     from keras_qwenvl.data.loader import QwenVLDataLoader
-    from keras_qwenvl.data.synthetic import STAGE_TASKS
     from keras_qwenvl.data.synthetic import SyntheticSource
 
     source = SyntheticSource(
         settings.batch_size,
         seed=20_000 + settings.seed,
-        tasks=STAGE_TASKS[2],
+        tasks=settings.stage_tasks[2],
         **data_config(settings),
     )
     loader = QwenVLDataLoader(
