@@ -26,27 +26,11 @@ def examples_per_second(task, count, data):
 
 
 def loader_batches_per_second(settings, batches):
-    """Stage-2 batches (packed, as the main job makes them) per second."""
-    from keras_qwenvl.data.loader import QwenVLDataLoader
-    from keras_qwenvl.data.synthetic import STAGE_TASKS
-    from keras_qwenvl.data.synthetic import SyntheticSource
+    """Stage-2 batches per second, from the main job's own loader."""
     from keras_qwenvl.demo import synthetic as train_synthetic
 
     model = train_synthetic.build_model(settings, tempfile.mkdtemp())
-    source = SyntheticSource(
-        (batches + 1) * settings.batch_size * 4,
-        seed=1,
-        tasks=STAGE_TASKS[2],
-        **train_synthetic.data_config(settings),
-    )
-    loader = QwenVLDataLoader(
-        source,
-        model.preprocessor,
-        batch_size=settings.batch_size,
-        pack=True,
-        max_images=settings.max_images_per_row,
-        repeat=True,
-    )
+    loader = train_synthetic.stage_loader(model, settings, 2, batches + 1)
     iterator = iter(loader.dataset())
     next(iterator)  # starts the pipeline
     start = time.perf_counter()

@@ -329,12 +329,34 @@ def pretrain_vision(model, settings):
     return losses.values
 
 
+def stage_loader(model, settings, stage, steps):
+    """The loader of a stage's training data: `steps` batches of the
+    stage's mixture drawn on the fly, packed in stage 2, repeating."""
+    from keras_qwenvl.data.loader import QwenVLDataLoader
+    from keras_qwenvl.data.synthetic import SyntheticSource
+
+    source = SyntheticSource(
+        steps * settings.batch_size * 4,
+        seed=settings.seed * 1000 + stage,
+        tasks=settings.stage_tasks[stage],
+        **data_config(settings),
+    )
+    return QwenVLDataLoader(
+        source,
+        model.preprocessor,
+        batch_size=settings.batch_size,
+        pack=stage == 2,
+        max_images=settings.max_images_per_row if stage == 2 else None,
+        repeat=True,
+        seed=settings.seed,
+        task_loss_weights=settings.task_loss_weights,
+    )
+
+
 def train(model, settings):
     """The three stages; returns the per-step losses of each stage."""
     import keras
 
-    from keras_qwenvl.data.loader import QwenVLDataLoader
-    from keras_qwenvl.data.synthetic import SyntheticSource
     from keras_qwenvl.training import recipe_optimizer
     from keras_qwenvl.training import set_stage
 
@@ -356,24 +378,9 @@ def train(model, settings):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             weighted_metrics=["sparse_categorical_accuracy"],
         )
-        tasks = settings.stage_tasks[stage]
-        source = SyntheticSource(
-            steps * settings.batch_size * 4,
-            seed=settings.seed * 1000 + stage,
-            tasks=tasks,
-            **data_config(settings),
-        )
-        loader = QwenVLDataLoader(
-            source,
-            model.preprocessor,
-            batch_size=settings.batch_size,
-            pack=stage == 2,
-            max_images=settings.max_images_per_row if stage == 2 else None,
-            repeat=True,
-            seed=settings.seed,
-            task_loss_weights=settings.task_loss_weights,
-        )
+        loader = stage_loader(model, settings, stage, steps)
         losses = step_losses()
+        tasks = settings.stage_tasks[stage]
         print(f"\nStage {stage}: {steps} steps, tasks {tasks}")
         model.fit(
             loader.dataset(),
