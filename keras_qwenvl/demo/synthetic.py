@@ -96,11 +96,12 @@ class Settings:
     grounding_phrase_in_response: bool = True
     # Loss weights of each task's target tokens in the stages
     # (`QwenVLDataLoader(task_loss_weights=...)`; 1 for a task not named).
-    # A caption is a few tokens against an OCR sample's ~90, so captions
-    # carry ~3% of the stage-2 loss; {"caption": 3.0} with more captions
-    # and VQA in the mixture raised captions and lowered grounding
+    # A caption is a few tokens against an OCR sample's ~90: at weight 1
+    # and the earlier mixture captions carried ~3% of the stage-2 loss
     # (docs/main_job.md, "The mixture").
-    task_loss_weights: dict = dataclasses.field(default_factory=dict)
+    task_loss_weights: dict = dataclasses.field(
+        default_factory=lambda: {"caption": 2.0}
+    )
     # Each stage's task mixture, {stage: {task: parts}} (the probe batch
     # is drawn from stage 2's); `keras_qwenvl.data.synthetic.STAGE_TASKS`
     # by default.
