@@ -507,6 +507,43 @@ def test_shape_boxes_are_tight_around_the_drawn_pixels():
     assert seen_noisy and seen_plain
 
 
+def test_distinct_colours_make_a_colour_name_one_shape():
+    def images(**config):
+        source = synthetic.SyntheticSource(
+            300, seed=4, tasks="caption", num_objects=(3, 3), **config
+        )
+        return [
+            [(o["color"], o["shape"]) for o in e["meta"]["objects"]]
+            for e in source
+        ]
+
+    distinct = images(distinct_colors=True)
+    def count(objects, part):
+        return len({pair[part] for pair in objects})
+
+    assert all(count(objects, 0) == len(objects) for objects in distinct)
+    # Kinds still repeat within an image, and every colour and kind occurs.
+    assert any(count(objects, 1) < len(objects) for objects in distinct)
+    assert {c for objects in distinct for c, _ in objects} == set(
+        synthetic.DEFAULT_COLORS
+    )
+    assert {k for objects in distinct for _, k in objects} == set(
+        synthetic.DEFAULT_SHAPES
+    )
+    # Without it, a colour can name several shapes of one image.
+    assert any(count(objects, 0) < len(objects) for objects in images())
+    # A caption still lists them by colour, then kind.
+    order = {c: i for i, c in enumerate(synthetic.DEFAULT_COLORS)}
+    assert all(
+        [order[c] for c, _ in objects] == sorted(order[c] for c, _ in objects)
+        for objects in distinct
+    )
+    with pytest.raises(ValueError, match="distinct_colors"):
+        synthetic.SyntheticConfig(
+            colors=("red", "blue"), num_objects=(1, 3), distinct_colors=True
+        )
+
+
 def test_shapes_on_a_grid_fill_whole_cells():
     grid = 14
     source = synthetic.SyntheticSource(

@@ -31,6 +31,7 @@ NOTEBOOKS = sorted(
     for path in glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb"))
 )
 QUICKSTART = "01_quickstart.ipynb"
+THREE_STAGES = "03_three_stages.ipynb"
 # Seconds one cell may take in reduced mode (a whole reduced run is ~1 min).
 CELL_TIMEOUT = 300
 CONCURRENT_KERNELS = 2
@@ -101,28 +102,35 @@ async def _execute_all(environments):
 @pytest.fixture(scope="module")
 def executed(request, tmp_path_factory):
     """The notebooks whose run was selected, run in reduced mode:
-    name -> executed notebook or error."""
-    selected = sorted(
-        {
-            item.callspec.params["name"]
-            for item in request.session.items
-            if item.originalname == "test_notebook_runs_in_reduced_mode"
-        }
-    )
+    name -> (executed notebook or error, the kernel's temporary folder)."""
+    selected = {
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_notebook_runs_in_reduced_mode"
+    }
+    if any(
+        item.originalname == "test_three_stages_run_is_the_quick_main_job"
+        for item in request.session.items
+    ):
+        selected.add(THREE_STAGES)
+    selected = sorted(selected)
     golden = None  # the quick start then writes its own small checkpoint
     if QUICKSTART in selected:
         try:
             golden = request.getfixturevalue("golden_hf_dir")
         except pytest.skip.Exception:
             pass
+    folders = {
+        name: tmp_path_factory.mktemp(name.split(".")[0]) for name in selected
+    }
     environments = {
         name: kernel_environment(
-            tmp_path_factory.mktemp(name.split(".")[0]),
-            golden if name == QUICKSTART else None,
+            folders[name], golden if name == QUICKSTART else None
         )
         for name in selected
     }
-    return asyncio.run(_execute_all(environments))
+    results = asyncio.run(_execute_all(environments))
+    return {name: (results[name], folders[name]) for name in selected}
 
 
 def test_there_are_four_notebooks():
@@ -156,7 +164,7 @@ def test_notebook_layout(name):
 @jax_only
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_reduced_mode(executed, name):
-    result = executed[name]
+    result, _ = executed[name]
     if isinstance(result, Exception):
         traceback = ANSI_ESCAPE.sub("", str(result))
         pytest.fail(f"{name} failed in reduced mode:\n{traceback}", pytrace=False)
@@ -169,3 +177,43 @@ def test_notebook_runs_in_reduced_mode(executed, name):
         if output.output_type == "error"
     ]
     assert not errors
+
+
+@jax_only
+def test_three_stages_run_is_the_quick_main_job(executed):
+    """The README's main job in its quick mode (what CI runs): notebook 3 in
+    reduced mode runs exactly `Settings(**QUICK)` through
+    `train_synthetic.run`, so its run is checked here rather than trained a
+    second time: the loss falls, the outputs are written, and the saved
+    preset reloads (weights and preprocessor) with the same probe loss."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from keras_qwenvl import QwenVLCausalLM
+    from keras_qwenvl.demo import synthetic as train_synthetic
+
+    result, folder = executed[THREE_STAGES]
+    if isinstance(result, Exception):
+        pytest.fail(f"{THREE_STAGES} failed in reduced mode", pytrace=False)
+    (metrics_path,) = glob.glob(os.path.join(folder, "*", "metrics.json"))
+    out = os.path.dirname(metrics_path)
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    settings = train_synthetic.Settings(**train_synthetic.QUICK)
+    as_json = json.loads(json.dumps(dataclasses.asdict(settings)))
+    assert metrics["settings"] == as_json
+    assert metrics["probe_loss_after"] < metrics["probe_loss_before"]
+    scores = ("grounding_accuracy", "ocr_word_accuracy", "caption_exact_match")
+    for name in scores:
+        assert 0.0 <= metrics[name] <= 1.0
+    for name in ("boxes.png", "loss.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    restored = QwenVLCausalLM.from_preset(os.path.join(out, "preset"))
+    probe = train_synthetic.probe_batch(restored, settings)
+    np.testing.assert_allclose(
+        train_synthetic.probe_loss(restored, probe),
+        metrics["probe_loss_after"],
+        rtol=1e-6,
+    )

@@ -132,6 +132,9 @@ class SyntheticConfig:
         grounding_phrase_in_response: referring-grounding examples put the
             phrase in the response (`tasks.grounding_example`'s
             `phrase_in_response`), so that the loss is on it too.
+        distinct_colors: the shapes of one image have distinct colours
+            (kinds may repeat), so that a colour names one shape of its
+            image; otherwise any distinct colour-shape pairs.
     """
 
     image_size: object = 112
@@ -146,6 +149,7 @@ class SyntheticConfig:
     max_angle: float = 10.0
     grid: object = None
     grounding_phrase_in_response: bool = False
+    distinct_colors: bool = False
 
     def __post_init__(self):
         size = self.image_size
@@ -172,11 +176,15 @@ class SyntheticConfig:
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"`{name}` must be non-empty and distinct.")
         low, high = self.num_objects
-        if not 1 <= low <= high <= len(self.colors) * len(self.shapes):
+        if self.distinct_colors:
+            most, what = len(self.colors), "colours (`distinct_colors`)"
+        else:
+            most = len(self.colors) * len(self.shapes)
+            what = "colour-shape pairs"
+        if not 1 <= low <= high <= most:
             raise ValueError(
                 f"`num_objects` must be (min, max) with 1 <= min <= max <= "
-                f"the number of colour-shape pairs. Received: "
-                f"{self.num_objects}"
+                f"the number of {what}. Received: {self.num_objects}"
             )
         low, high = self.num_words
         if not 1 <= low <= high <= len(self.words):
@@ -217,9 +225,12 @@ def _shape_mask(shape, size):
     elif shape == "triangle":
         draw.polygon([(last / 2, 0), (last, last), (0, last)], fill=255)
     elif shape == "cross":
-        third = size / 3
-        draw.rectangle((0, third, last, last - third), fill=255)
-        draw.rectangle((third, 0, last - third, last), fill=255)
+        # Arms half the size wide. With arms a third wide, a cross of three
+        # grid cells is five full cells and four empty ones, which a ViT
+        # sees patch by patch as a square's cells (docs/main_job.md).
+        quarter = size / 4
+        draw.rectangle((0, quarter, last, last - quarter), fill=255)
+        draw.rectangle((quarter, 0, last - quarter, last), fill=255)
     elif shape == "diamond":
         half = last / 2
         corners = [(half, 0), (last, half), (half, last), (0, half)]
@@ -284,7 +295,12 @@ def render_shapes(rng, config):
         for color in range(len(config.colors))
     ]
     count = int(rng.integers(config.num_objects[0], config.num_objects[1] + 1))
-    chosen = rng.choice(len(pairs), size=count, replace=False)
+    if config.distinct_colors:
+        colors = rng.choice(len(config.colors), size=count, replace=False)
+        kinds = rng.integers(0, len(config.shapes), size=count)
+        chosen = [pairs.index((c, k)) for c, k in zip(colors, kinds)]
+    else:
+        chosen = rng.choice(len(pairs), size=count, replace=False)
     shorter = min(width, height)
     low, high = (max(4, int(f * shorter)) for f in config.object_size)
     step = config.grid or 1
