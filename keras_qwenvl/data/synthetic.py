@@ -6,7 +6,8 @@ processes, and gives the same data on every machine.
 
 Two kinds of images are drawn:
 - shapes: 1-3 non-overlapping shapes (circle, square, triangle, cross) of
-  distinct colour-shape pairs, random size and place, on a plain or noisy
+  distinct colour-shape pairs (or of distinct colours, `distinct_colors`),
+  random size and place, on a plain or noisy
   grey background (grey, so that no background pixel has a shape's
   colour). Each shape's pixel box is the tight box of its drawn pixels.
   With `grid` set, sides and places are multiples of it (a ViT's patch

@@ -96,7 +96,7 @@ class Settings:
     grounding_phrase_in_response: bool = True
     # The shapes of one image have distinct colours (`SyntheticConfig(
     # distinct_colors=True)`), so that a colour names one shape: with a
-    # colour shared by two shapes, captions were right on 0.13 of the
+    # colour shared by two shapes, captions were right on 0.14 of the
     # images against 0.72 / 0.57 with 2 / 3 distinct colours
     # (docs/main_job.md).
     distinct_colors: bool = True
