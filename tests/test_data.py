@@ -507,6 +507,19 @@ def test_shape_boxes_are_tight_around_the_drawn_pixels():
     assert seen_noisy and seen_plain
 
 
+def test_a_cross_on_the_grid_has_cells_a_square_has_not():
+    # Each grid cell of a shape of 2 or 3 cells: its coloured fraction.
+    def cells(shape, count):
+        mask = np.asarray(synthetic._shape_mask(shape, 14 * count)) > 0
+        return mask.reshape(count, 14, count, 14).mean(axis=(1, 3))
+
+    for count in (2, 3):
+        assert np.all(cells("square", count) == 1.0)
+        partly = (cells("cross", count) > 0.25) & (cells("cross", count) < 0.9)
+        # A cross's cells are never empty, and some are partly coloured.
+        assert np.all(cells("cross", count) > 0.25) and partly.any()
+
+
 def test_distinct_colours_make_a_colour_name_one_shape():
     def images(**config):
         source = synthetic.SyntheticSource(
