@@ -299,7 +299,7 @@ def render_shapes(rng, config):
     if config.distinct_colors:
         colors = rng.choice(len(config.colors), size=count, replace=False)
         kinds = rng.integers(0, len(config.shapes), size=count)
-        chosen = [pairs.index((c, k)) for c, k in zip(colors, kinds)]
+        chosen = kinds * len(config.colors) + colors  # indices of pairs
     else:
         chosen = rng.choice(len(pairs), size=count, replace=False)
     shorter = min(width, height)
