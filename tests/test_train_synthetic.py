@@ -2,6 +2,12 @@
 vision pre-training and its stage mixtures. Its quick run is checked
 through notebook 3 (tests/test_notebooks.py)."""
 
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -120,3 +126,133 @@ def test_stage_mixtures_come_from_the_settings(tmp_path, monkeypatch):
     with pytest.raises(Drawn):
         train_synthetic.probe_batch(model, settings)
     assert seen == [mixture[1], mixture[2], mixture[3], mixture[2]]
+
+
+# === The script's restart with huge pages ===
+
+SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "examples",
+    "train_synthetic.py",
+)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines; runs nothing (not __main__)
+    return module
+
+
+def test_huge_pages_only_on_new_glibc_and_never_over_the_users_choice():
+    script = load_script()
+    environ = {"PATH": "/bin", "KERAS_BACKEND": "torch"}
+    glibc = ("glibc", "2.36")
+    assert script.huge_page_environment(environ, "linux", glibc) == dict(
+        environ, GLIBC_TUNABLES="glibc.malloc.hugetlb=1"
+    )
+    assert environ == {"PATH": "/bin", "KERAS_BACKEND": "torch"}
+    for user in ("", "glibc.malloc.arena_max=2"):
+        chosen = dict(environ, GLIBC_TUNABLES=user)
+        assert script.huge_page_environment(chosen, "linux", glibc) is None
+    assert script.huge_page_environment(environ, "darwin", ("", "")) is None
+    for libc in (("glibc", "2.34"), ("glibc", ""), ("musl", "1.2")):
+        assert script.huge_page_environment(environ, "linux", libc) is None
+
+
+def transparent_huge_pages_mode():
+    """"always", "madvise" (huge pages where a program asks, as glibc does
+    with the tunable), "never", or None where the kernel does not say."""
+    path = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = f.read()
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def minor_faults(environ):
+    """Minor page faults of a process that mallocs, fills and frees a
+    64 MiB block five times, as XLA's CPU runtime does with its scratch
+    memory (each block a fresh mapping)."""
+    code = (
+        "import ctypes, resource\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.free.argtypes = [ctypes.c_void_p]\n"
+        "for _ in range(5):\n"
+        "    block = libc.malloc(2**26)\n"
+        "    ctypes.memset(block, 1, 2**26)\n"
+        "    libc.free(block)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True,
+        text=True, check=True,
+    )
+    return int(run.stdout)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux"
+    or load_script().huge_page_environment(
+        {}, sys.platform, platform.libc_ver()
+    ) is None
+    or transparent_huge_pages_mode() != "madvise",
+    reason="needs Linux, glibc 2.35+ and transparent huge pages on request "
+    "(with them always on, the tunable changes nothing)",
+)
+def test_huge_pages_cut_the_page_faults_of_large_buffers():
+    """What the restart is for: with the tunable, fresh large buffers are
+    mapped in 2 MiB pages (5 x 64 MiB is 81,920 faults of 4 KiB)."""
+    script = load_script()
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    huge = script.huge_page_environment(
+        plain, sys.platform, platform.libc_ver()
+    )
+    without, with_huge_pages = minor_faults(plain), minor_faults(huge)
+    assert without > 80_000
+    assert with_huge_pages < without / 5
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax",
+    reason="runs once per CI, in the jax pass (the script itself picks JAX)",
+)
+def test_script_restarts_itself_once_with_huge_pages(tmp_path):
+    """`python examples/train_synthetic.py` as a user runs it: a
+    sitecustomize records each Python start's GLIBC_TUNABLES; `--help`
+    stops the script right after it parses its command line."""
+    log = tmp_path / "starts.txt"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        f"with open({str(log)!r}, 'a') as f:\n"
+        "    f.write(repr(os.environ.get('GLIBC_TUNABLES')) + '\\n')\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    environ["PYTHONPATH"] = os.pathsep.join(
+        [str(tmp_path)] + [p for p in [environ.get("PYTHONPATH")] if p]
+    )
+    run = subprocess.run(
+        [sys.executable, SCRIPT, "--help"], env=environ,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "--quick" in run.stdout
+    starts = log.read_text().splitlines()
+    wanted = load_script().huge_page_environment(
+        environ, sys.platform, platform.libc_ver()
+    )
+    if wanted is None:  # not Linux with glibc 2.35+: no restart
+        assert starts == ["None"]
+    else:
+        assert starts == ["None", repr("glibc.malloc.hugetlb=1")]
+    # The user's choice stands: no restart.
+    log.unlink()
+    environ["GLIBC_TUNABLES"] = ""
+    run = subprocess.run(
+        [sys.executable, SCRIPT, "--help"], env=environ,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert log.read_text().splitlines() == ["''"]
