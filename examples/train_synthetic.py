@@ -27,8 +27,9 @@ def huge_page_environment(environ, platform_name, libc):
     the kernel then zeroes it 4 KiB at a time: about 250,000 page faults
     and 0.9 s of system time per 2.9 s stage-2 step on a 2-core machine.
     With `HUGE_PAGES` the step takes about 2.3 s and computes the same
-    numbers (docs/main_job.md, "Page faults"). glibc reads its tunables
-    when a process starts, hence the restart. A `GLIBC_TUNABLES` the user
+    numbers (docs/main_job.md, "Page faults, and the time target on
+    machine B"). glibc reads its tunables when a process starts, hence the
+    restart. A `GLIBC_TUNABLES` the user
     set, even to nothing, stands: `GLIBC_TUNABLES= python
     examples/train_synthetic.py` opts out.
 
