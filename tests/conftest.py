@@ -48,8 +48,8 @@ for _name, _value in (
 # fast-math either way). A level in the environment's XLA_FLAGS wins.
 _LEVEL = "--xla_backend_optimization_level"
 if _LEVEL not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(
-        filter(None, [os.environ.get("XLA_FLAGS"), f"{_LEVEL}=0"])
+    os.environ["XLA_FLAGS"] = (
+        f"{os.environ.get('XLA_FLAGS', '')} {_LEVEL}=0".strip()
     )
 
 

@@ -88,15 +88,10 @@ def measured(tmp_path_factory):
     env = dict(
         os.environ,
         KERAS_BACKEND="jax",
-        XLA_FLAGS=" ".join(
-            filter(
-                None,
-                [
-                    os.environ.get("XLA_FLAGS"),
-                    "--xla_force_host_platform_device_count=8",
-                ],
-            )
-        ),
+        XLA_FLAGS=(
+            os.environ.get("XLA_FLAGS", "")
+            + " --xla_force_host_platform_device_count=8"
+        ).strip(),
         PYTHONPATH=os.pathsep.join(
             [REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]
         ),
