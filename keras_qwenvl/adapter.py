@@ -12,6 +12,7 @@ from keras import ops
 from keras_hub.src.utils.keras_utils import clone_initializer
 
 from keras_qwenvl.initializers import projection_initializer
+from keras_qwenvl.layer_norm import QwenVLLayerNorm
 from keras_qwenvl.position_tables import resize_position_table
 from keras_qwenvl.position_tables import sincos_2d_table
 
@@ -184,11 +185,11 @@ class QwenVLAdapter(keras.layers.Layer):
         )
         self.kv_proj.build(input_shape)
         norm_shape = (None, None, self.output_dim)
-        self.ln_q = keras.layers.LayerNormalization(
+        self.ln_q = QwenVLLayerNorm(
             epsilon=self.layer_norm_epsilon, name="ln_q", dtype=policy
         )
         self.ln_q.build(norm_shape)
-        self.ln_kv = keras.layers.LayerNormalization(
+        self.ln_kv = QwenVLLayerNorm(
             epsilon=self.layer_norm_epsilon, name="ln_kv", dtype=policy
         )
         self.ln_kv.build(norm_shape)

@@ -14,6 +14,7 @@ from keras_hub.src.utils.keras_utils import clone_initializer
 from keras_qwenvl.adapter import QwenVLAdapter
 from keras_qwenvl.adapter import QwenVLMultiHeadAttention
 from keras_qwenvl.initializers import projection_initializer
+from keras_qwenvl.layer_norm import QwenVLLayerNorm
 from keras_qwenvl.position_tables import resize_position_table
 from keras_qwenvl.position_tables import sincos_2d_table
 
@@ -44,7 +45,7 @@ class QwenVLVisionBlock(keras.layers.Layer):
     def build(self, input_shape):
         width = input_shape[-1]
         policy = self.dtype_policy
-        self.ln_1 = keras.layers.LayerNormalization(
+        self.ln_1 = QwenVLLayerNorm(
             epsilon=self.layer_norm_epsilon, name="ln_1", dtype=policy
         )
         self.ln_1.build(input_shape)
@@ -56,7 +57,7 @@ class QwenVLVisionBlock(keras.layers.Layer):
             dtype=policy,
         )
         self.attention.build(input_shape)
-        self.ln_2 = keras.layers.LayerNormalization(
+        self.ln_2 = QwenVLLayerNorm(
             epsilon=self.layer_norm_epsilon, name="ln_2", dtype=policy
         )
         self.ln_2.build(input_shape)
@@ -213,7 +214,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
             name="patch_embedding",
             dtype=policy,
         )
-        self.ln_pre = keras.layers.LayerNormalization(
+        self.ln_pre = QwenVLLayerNorm(
             epsilon=layer_norm_epsilon, name="ln_pre", dtype=policy
         )
         self.vision_layers = [
@@ -235,7 +236,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
             name="adapter",
             dtype=policy,
         )
-        self.ln_post = keras.layers.LayerNormalization(
+        self.ln_post = QwenVLLayerNorm(
             epsilon=layer_norm_epsilon, name="ln_post", dtype=policy
         )
         self.proj = keras.layers.Dense(
