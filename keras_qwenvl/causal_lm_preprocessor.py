@@ -153,9 +153,10 @@ class QwenVLCausalLMPreprocessor(QwenVLPresetMixin, CausalLMPreprocessor):
                 f"Received: {num_loss_positions!r}"
             )
         self.num_loss_positions = num_loss_positions
-
-    def build(self, input_shape):
         # Packing is done here in numpy; there is no packer layer to build.
+        # Built from the start: a task whose layers are not all built traces
+        # the whole model again at every `train_on_batch` (Keras'
+        # `_symbolic_build`).
         self.built = True
 
     # Input normalization.

@@ -176,6 +176,10 @@ class QwenVLImageConverter(QwenVLPresetMixin, ImageConverter):
             dtype="float32",
             **kwargs,
         )
+        # Images are resized in numpy (`_resize`); keras-hub's Resizing
+        # sublayer is never called. Built, so that it does not leave the
+        # task unbuilt (see QwenVLCausalLMPreprocessor).
+        self.resizing.built = True
 
     def _resize(self, image):
         """Resizes a PIL image or an `(H, W, 3)` array to `image_size`.

@@ -241,6 +241,7 @@ class QwenVLTokenizer(QwenVLPresetMixin, Tokenizer):
         self.start_token_id = None
         self.file_assets = [VOCABULARY_FILE]
         self.set_vocabulary(vocabulary)
+        self.built = True  # no weights (see QwenVLCausalLMPreprocessor)
 
     # Vocabulary.
 

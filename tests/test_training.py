@@ -575,3 +575,40 @@ def test_mixed_bfloat16_fit_loss_falls_stage_2_trains_everything():
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 0.2, losses
     assert_fit_trained_exactly(model, optimizer, before, STAGE_PARTS[2])
+
+
+def test_train_on_batch_runs_the_compiled_step_without_tracing_again(
+    tmp_path, monkeypatch
+):
+    """Every layer of the task is built, preprocessing layers included:
+    Keras traces the whole model symbolically at each `train_on_batch` of a
+    task with an unbuilt layer (its `_symbolic_build`), and that trace cost
+    as much as a third of a small model's step."""
+    from tests.test_model import tiny_causal_lm
+
+    causal_lm = tiny_causal_lm(str(tmp_path))
+    assert all(layer.built for layer in causal_lm._flatten_layers())
+    causal_lm.compile(optimizer=keras.optimizers.SGD(0.1))
+    rng = np.random.default_rng(0)
+    data = {
+        "prompts": ["<img></img>What is it?", "<img></img>Colour?"],
+        "responses": [" a cat", " red"],
+        "images": [[rng.integers(0, 255, (28, 28, 3))] for _ in range(2)],
+    }
+    causal_lm.preprocessor.sequence_length = 24
+    x, y, weights = causal_lm.preprocessor(data)
+    causal_lm.train_on_batch(x, y, sample_weight=weights)  # compiles
+    calls = []
+    original = QwenVLCausalLM.call
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QwenVLCausalLM, "call", counted)
+    for _ in range(2):
+        causal_lm.train_on_batch(x, y, sample_weight=weights)
+    # Compiled steps (JAX, TensorFlow) run without calling the model;
+    # PyTorch runs it eagerly, once per step.
+    eager = keras.backend.backend() == "torch"
+    assert len(calls) == (2 if eager else 0)
