@@ -15,12 +15,12 @@ class QwenVLLayerNorm(keras.layers.LayerNormalization):
     folds the mean into an offset (`x * inv - mean * inv`), and in a deep
     stack XLA's CPU compiler fuses the backward passes of those layers so
     that each layer's input gradient recomputes the residual-gradient terms
-    of every layer above it: training the "base" ViT of
-    benchmarks/benchmark.py (12 layers, 1,024 patches) spent 13% of its
-    step in such fusions. With the input centred first, the step of that
-    ViT on its own took 14.0 instead of 18.3 s on a 2-core CPU (JAX). On
-    PyTorch Keras calls torch's fused layer-norm kernel, which is kept; so
-    are axes other than the last.
+    of every layer above it (fusions of up to 175 operands in the "base"
+    ViT of benchmarks/benchmark.py: 12 layers, 1,024 patches). With the
+    input centred first the longest has 57, and a training step of that
+    ViT on its own took 17.1 instead of 20.2 s on a 2-core CPU (JAX; README,
+    "Benchmarks"). On PyTorch Keras calls torch's fused layer-norm kernel,
+    which is kept; so are axes other than the last.
     """
 
     def call(self, inputs):
