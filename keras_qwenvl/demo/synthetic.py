@@ -67,7 +67,7 @@ class Settings:
     head_dim: int = 64
     sequence_length: int = 256
     batch_size: int = 16
-    stage_steps: tuple = (30, 600, 120)
+    stage_steps: tuple = (30, 600, 60)
     peak_learning_rate: tuple = (1e-3, 1e-3, 5e-4)
     # From scratch every ViT layer learns at the full rate (the paper's 0.95
     # layer decay is for fine-tuning a pretrained ViT).
@@ -121,7 +121,7 @@ class Settings:
     # that token's place and its box (the paper starts from a pre-trained
     # ViT; end to end a from-scratch encoder learns neither places nor
     # words within the budget).
-    vision_pretraining_steps: int = 3000
+    vision_pretraining_steps: int = 2400
     vision_pretraining_learning_rate: float = 5e-4
     # The share of OCR images (the rest are shapes images) in it.
     vision_pretraining_ocr_share: float = 0.5
@@ -286,6 +286,11 @@ def pretrain_vision(model, settings):
     )
 
     class Batches(keras.utils.PyDataset):
+        # Two threads draw the next batches while the step runs (in the
+        # order `fit` shuffles them into, as drawn one by one).
+        def __init__(self):
+            super().__init__(workers=2)
+
         def __len__(self):
             return steps
 
