@@ -21,6 +21,7 @@ from keras_qwenvl.chat_format import build_chat_prompt
 from keras_qwenvl.decoder import QwenVLDecoderBlock
 from keras_qwenvl import evaluation
 from keras_qwenvl.image_converter import QwenVLImageConverter
+from keras_qwenvl.losses import QwenVLCrossEntropy
 from keras_qwenvl.presets import backbone_presets
 from keras_qwenvl.tokenizer import QwenVLTokenizer
 from keras_qwenvl import training  # registers QwenVLAdamW for saved configs
@@ -37,6 +38,7 @@ __all__ = [
     "QwenVLBackbone",
     "QwenVLCausalLM",
     "QwenVLCausalLMPreprocessor",
+    "QwenVLCrossEntropy",
     "QwenVLDecoderBlock",
     "QwenVLImageConverter",
     "QwenVLTokenizer",

@@ -13,6 +13,7 @@ from keras_qwenvl.chat_format import DEFAULT_SYSTEM_PROMPT
 from keras_qwenvl.chat_format import build_chat_prompt
 from keras_qwenvl.chat_format import find_image_tags
 from keras_qwenvl.data.loader import RawExamplesMixin
+from keras_qwenvl.losses import QwenVLCrossEntropy
 from keras_qwenvl.presets import QwenVLPresetMixin
 
 try:
@@ -96,6 +97,11 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         sampler="greedy",
         **kwargs,
     ):
+        """As keras-hub's `CausalLM.compile`, with `loss="auto"` meaning
+        `QwenVLCrossEntropy()` (Keras' sparse cross-entropy from logits,
+        without its one-hot array of the vocabulary's size on JAX)."""
+        if isinstance(loss, str) and loss == "auto":
+            loss = QwenVLCrossEntropy()
         super().compile(
             optimizer=optimizer,
             loss=loss,
