@@ -27,7 +27,7 @@ class QwenVLCrossEntropy(keras.losses.Loss):
             return ops.sparse_categorical_crossentropy(
                 y_true, y_pred, from_logits=True
             )
-        logits = ops.cast(y_pred, "float32")
+        # `Loss.__call__` has cast the logits to the loss's dtype already.
         labels = ops.expand_dims(ops.cast(y_true, "int32"), -1)
-        picked = ops.take_along_axis(logits, labels, axis=-1)
-        return ops.logsumexp(logits, axis=-1) - ops.squeeze(picked, -1)
+        picked = ops.take_along_axis(y_pred, labels, axis=-1)
+        return ops.logsumexp(y_pred, axis=-1) - ops.squeeze(picked, -1)
