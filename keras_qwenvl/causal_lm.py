@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 from keras.src.quantizers.utils import should_quantize_layer
+from keras.src.utils.tracking import no_automatic_dependency_tracking
 from keras_hub.models import CausalLM
 from keras_hub.src.utils.tensor_utils import any_equal
 
@@ -74,20 +75,32 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         """Logits at every position, or with `inputs["loss_positions"]`
         (b, k) only at those positions: (b, k, vocabulary_size). Training
         needs logits only where labels carry loss, and the lm_head is most
-        of the model's work at the vocabulary's size."""
-        if not (isinstance(inputs, dict) and "loss_positions" in inputs):
+        of the model's work at the vocabulary's size.
+
+        Inside `fit()`'s training step with a `QwenVLCrossEntropy` loss
+        (see `compile`) it returns the lm_head's inputs instead, and the
+        loss applies the lm_head itself."""
+        fused = self._fuses_lm_head
+        if not fused and not (
+            isinstance(inputs, dict) and "loss_positions" in inputs
+        ):
             return super().call(inputs, training=training, mask=mask)
         inputs = dict(inputs)
-        positions = ops.cast(inputs.pop("loss_positions"), "int32")
+        positions = inputs.pop("loss_positions", None)
         hidden_states = self.backbone(inputs, training=training)
-        batch_size, count = ops.shape(positions)
-        index = ops.broadcast_to(
-            ops.expand_dims(positions, -1),
-            (batch_size, count, ops.shape(hidden_states)[-1]),
-        )
-        hidden_states = ops.take_along_axis(hidden_states, index, axis=1)
+        if positions is not None:
+            positions = ops.cast(positions, "int32")
+            batch_size, count = ops.shape(positions)
+            index = ops.broadcast_to(
+                ops.expand_dims(positions, -1),
+                (batch_size, count, ops.shape(hidden_states)[-1]),
+            )
+            hidden_states = ops.take_along_axis(hidden_states, index, axis=1)
+        if fused:
+            return hidden_states
         return self.backbone.token_embedding(hidden_states, reverse=True)
 
+    @no_automatic_dependency_tracking
     def compile(
         self,
         optimizer="auto",
@@ -99,9 +112,26 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
     ):
         """As keras-hub's `CausalLM.compile`, with `loss="auto"` meaning
         `QwenVLCrossEntropy()` (Keras' sparse cross-entropy from logits,
-        without its one-hot array of the vocabulary's size on JAX)."""
+        without its one-hot array of the vocabulary's size on JAX), and
+        `weighted_metrics="auto"` the token accuracy, logged as
+        "sparse_categorical_accuracy" as keras-hub logs it.
+
+        With a `QwenVLCrossEntropy` loss of a reducing kind, no
+        `loss_weights` and no metrics besides the automatic accuracy,
+        `fit()`'s training step never forms the (positions, vocabulary)
+        logits: the model returns the lm_head's inputs and the loss
+        applies the lm_head block by block, gradients included
+        (`QwenVLCrossEntropy.from_hidden_states`). The loss, the gradients
+        and the accuracy are those of the logits (float32 rounding).
+        `evaluate()` and `predict()` compute the logits as usual.
+        """
         if isinstance(loss, str) and loss == "auto":
             loss = QwenVLCrossEntropy()
+        accuracy = isinstance(weighted_metrics, str) and (
+            weighted_metrics == "auto"
+        )
+        if accuracy:
+            weighted_metrics = None
         super().compile(
             optimizer=optimizer,
             loss=loss,
@@ -109,6 +139,90 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             sampler=sampler,
             **kwargs,
         )
+        self._token_accuracy = None
+        if accuracy:
+            self._token_accuracy = keras.metrics.Mean(
+                name="sparse_categorical_accuracy"
+            )
+        self._fusable_loss = (
+            isinstance(loss, QwenVLCrossEntropy)
+            and loss.fusable
+            and not kwargs.get("loss_weights")
+            and not kwargs.get("metrics")
+            and not weighted_metrics
+        )
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        accuracy = getattr(self, "_token_accuracy", None)
+        if self.compiled and accuracy is not None:
+            metrics.append(accuracy)
+        return metrics
+
+    @property
+    def _fuses_lm_head(self):
+        return getattr(self, "_fusing", False)
+
+    def _lm_head_kernel(self):
+        """The lm_head's (hidden, vocabulary) weights and whether they
+        train, or None where the fused loss cannot stand in for it."""
+        head = self.backbone.token_embedding
+        if (
+            head.quantization_mode is not None
+            or head.logit_soft_cap is not None
+            or head.reverse_dtype is not None
+            or head.lora_enabled
+        ):
+            return None
+        if head.tie_weights:
+            variable = head._embeddings
+            kernel = ops.transpose(head.embeddings)
+        else:
+            variable = head.reverse_embeddings
+            kernel = variable
+        trainable = any(v is variable for v in self.trainable_variables)
+        return kernel, trainable
+
+    def train_step(self, *args, **kwargs):
+        """Keras' training step (any backend); with a fusable loss (see
+        `compile`) the model returns the lm_head's inputs within it."""
+        self._fusing = bool(
+            getattr(self, "_fusable_loss", False)
+            and self._lm_head_kernel() is not None
+        )
+        try:
+            return super().train_step(*args, **kwargs)
+        finally:
+            self._fusing = False
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if not self._fuses_lm_head:
+            return super().compute_loss(
+                x, y, y_pred, sample_weight, training=training
+            )
+        kernel, trainable = self._lm_head_kernel()
+        loss, correct, weight = self.loss.from_hidden_states(
+            y, y_pred, kernel, sample_weight, kernel_gradient=trainable
+        )
+        if self._token_accuracy is not None:
+            self._token_accuracy.update_state(
+                ops.divide_no_nan(correct, weight), sample_weight=weight
+            )
+        extra = [self._aggregate_additional_loss(v) for v in self.losses]
+        return loss + ops.sum(extra) if extra else loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        accuracy = getattr(self, "_token_accuracy", None)
+        if accuracy is not None and not self._fuses_lm_head:
+            predicted = ops.cast(ops.argmax(y_pred, axis=-1), y.dtype)
+            accuracy.update_state(
+                ops.cast(ops.equal(predicted, y), "float32"),
+                sample_weight=sample_weight,
+            )
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Quantize the model's weights, e.g. `quantize("int8")`.

@@ -1,0 +1,202 @@
+"""The lm_head applied inside the loss during `fit()`
+(`QwenVLCrossEntropy.from_hidden_states`): the same loss, accuracy and
+updated weights as the logits, block by block, on every backend."""
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_qwenvl import QwenVLCausalLM
+from keras_qwenvl import QwenVLCrossEntropy
+from keras_qwenvl.causal_lm_preprocessor import select_loss_positions
+from tests.test_loss_positions import multimodal_batch
+from tests.test_model import tiny_backbone
+
+
+def to_np(x):
+    return ops.convert_to_numpy(x)
+
+
+def hidden_batch(seed=0, shape=(3, 5), hidden=16, vocabulary=37):
+    rng = np.random.default_rng(seed)
+    h = rng.normal(size=shape + (hidden,)).astype("float32")
+    kernel = (rng.normal(size=(hidden, vocabulary)) * 0.5).astype("float32")
+    labels = rng.integers(0, vocabulary, shape).astype("int32")
+    weights = rng.uniform(0, 2, shape).astype("float32")
+    weights[0, :2] = 0.0
+    return h, kernel, labels, weights
+
+
+@pytest.mark.parametrize(
+    "reduction", ["sum", "sum_over_batch_size", "mean_with_sample_weight"]
+)
+@pytest.mark.parametrize("chunk_size", [4, 256])  # 15 positions: 4 blocks, 1
+def test_from_hidden_states_equals_the_loss_on_logits(reduction, chunk_size):
+    h, kernel, labels, weights = hidden_batch()
+    loss = QwenVLCrossEntropy(reduction=reduction, chunk_size=chunk_size)
+    logits = h @ kernel
+    for sample_weight in (None, weights):
+        value, correct, total = loss.from_hidden_states(
+            labels, h, kernel, sample_weight
+        )
+        expected = loss(labels, logits, sample_weight)
+        np.testing.assert_allclose(to_np(value), to_np(expected), rtol=1e-5)
+        w = np.ones_like(weights) if sample_weight is None else weights
+        hits = (logits.argmax(-1) == labels).astype("float32")
+        assert 0 < hits.sum() < hits.size  # the count can be wrong
+        np.testing.assert_allclose(to_np(correct), (w * hits).sum(), rtol=1e-6)
+        np.testing.assert_allclose(to_np(total), w.sum(), rtol=1e-6)
+
+
+def test_no_fused_reduction_and_bad_chunk_size_are_refused():
+    h, kernel, labels, _ = hidden_batch()
+    with pytest.raises(ValueError, match="reduction=None"):
+        QwenVLCrossEntropy(reduction=None).from_hidden_states(labels, h, kernel)
+    with pytest.raises(ValueError, match="`chunk_size` must be a positive"):
+        QwenVLCrossEntropy(chunk_size=0)
+    restored = keras.losses.deserialize(
+        keras.losses.serialize(QwenVLCrossEntropy(chunk_size=64))
+    )
+    assert restored.chunk_size == 64
+
+
+class Spy:
+    """Records the calls of `from_hidden_states` (made while tracing on
+    JAX and TensorFlow, at every step on PyTorch)."""
+
+    def __init__(self, monkeypatch):
+        self.kernel_gradients = []
+        original = QwenVLCrossEntropy.from_hidden_states
+
+        def spy(loss, *args, kernel_gradient=True, **kwargs):
+            self.kernel_gradients.append(kernel_gradient)
+            return original(
+                loss, *args, kernel_gradient=kernel_gradient, **kwargs
+            )
+
+        monkeypatch.setattr(QwenVLCrossEntropy, "from_hidden_states", spy)
+
+
+def train_one_step(fused, batch, freeze_head=False, dtype=None):
+    model = QwenVLCausalLM(tiny_backbone(dtype=dtype))  # seeded weights
+    if freeze_head:
+        model.backbone.token_embedding.trainable = False
+    if fused:  # the defaults: the lm_head goes inside the loss
+        model.compile(optimizer=keras.optimizers.SGD(0.5))
+    else:  # an explicit metric needs the logits
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.5),
+            weighted_metrics=[keras.metrics.SparseCategoricalAccuracy()],
+        )
+    logs = model.train_on_batch(*batch, return_dict=True)
+    return model, logs, [to_np(v) for v in model.weights]
+
+
+@pytest.mark.parametrize("selected", [False, True])
+def test_fit_step_equals_the_step_on_logits(selected, monkeypatch):
+    x, y, weights = multimodal_batch(seed=1)
+    batch = (x, y, weights)
+    if selected:
+        batch = select_loss_positions(x, y, weights, 8)
+    spy = Spy(monkeypatch)
+    _, logs, after = train_one_step(False, batch)
+    assert spy.kernel_gradients == []
+    _, fused_logs, fused_after = train_one_step(True, batch)
+    assert spy.kernel_gradients and all(spy.kernel_gradients)
+    assert set(fused_logs) == set(logs) == {
+        "loss", "sparse_categorical_accuracy"
+    }
+    assert fused_logs["loss"] == pytest.approx(logs["loss"], rel=1e-5)
+    assert fused_logs["sparse_categorical_accuracy"] == pytest.approx(
+        logs["sparse_categorical_accuracy"], abs=1e-7
+    )
+    initial = [to_np(v) for v in QwenVLCausalLM(tiny_backbone()).weights]
+    moved = 0
+    for start, a, b in zip(initial, after, fused_after):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+        moved += not np.allclose(start, a)
+    assert moved > len(initial) // 2
+
+
+def test_frozen_lm_head_skips_its_gradient(monkeypatch):
+    batch = select_loss_positions(*multimodal_batch(seed=2), 8)
+    spy = Spy(monkeypatch)
+    model, logs, after = train_one_step(False, batch, freeze_head=True)
+    _, fused_logs, fused_after = train_one_step(True, batch, freeze_head=True)
+    assert spy.kernel_gradients and not any(spy.kernel_gradients)
+    assert fused_logs["loss"] == pytest.approx(logs["loss"], rel=1e-5)
+    for a, b in zip(after, fused_after):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    head = model.backbone.token_embedding.reverse_embeddings
+    untouched = QwenVLCausalLM(tiny_backbone()).backbone.token_embedding
+    np.testing.assert_array_equal(
+        to_np(head), to_np(untouched.reverse_embeddings)
+    )
+
+
+def test_evaluate_and_fit_after_the_fused_step():
+    """`evaluate()` takes the logits; both log the same metrics."""
+    x, y, weights = select_loss_positions(*multimodal_batch(seed=3), 8)
+    model = QwenVLCausalLM(tiny_backbone())
+    model.compile(optimizer=keras.optimizers.SGD(0.1))
+    history = model.fit(x, y, sample_weight=weights, epochs=2, verbose=0)
+    assert set(history.history) == {"loss", "sparse_categorical_accuracy"}
+    logs = model.evaluate(x, y, sample_weight=weights, return_dict=True)
+    logits = to_np(model(x))
+    hits = (logits.argmax(-1) == y).astype("float32")
+    accuracy = (hits * weights).sum() / weights.sum()
+    assert logs["sparse_categorical_accuracy"] == pytest.approx(accuracy)
+    expected = QwenVLCrossEntropy()(y, logits, weights)
+    assert logs["loss"] == pytest.approx(float(to_np(expected)), rel=1e-5)
+
+
+def test_bfloat16_fused_step_trains(monkeypatch):
+    batch = select_loss_positions(*multimodal_batch(seed=4), 8)
+    spy = Spy(monkeypatch)
+    _, logs, after = train_one_step(False, batch, dtype="mixed_bfloat16")
+    _, fused_logs, fused_after = train_one_step(
+        True, batch, dtype="mixed_bfloat16"
+    )
+    assert spy.kernel_gradients
+    assert np.isfinite(fused_logs["loss"])
+    assert fused_logs["loss"] == pytest.approx(logs["loss"], rel=1e-2)
+    initial = [to_np(v) for v in QwenVLCausalLM(tiny_backbone()).weights]
+    head = [i for i, v in enumerate(initial) if v.shape == (32, 300)]
+    for i in head:  # the lm_head moved, as the logits' step moved it
+        step = after[i] - initial[i]
+        fused_step = fused_after[i] - initial[i]
+        assert np.abs(fused_step).max() > 0
+        np.testing.assert_allclose(
+            fused_step, step, atol=2e-2 * np.abs(step).max()
+        )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="XLA's memory analysis of the compiled gradient (JAX)",
+)
+def test_blocks_bound_the_gradients_memory():
+    """Smaller blocks need less of XLA's temporary memory than the
+    logits' own gradient: the (positions, vocabulary) arrays shrink to a
+    block's."""
+    import jax
+
+    h, kernel, labels, weights = hidden_batch(
+        shape=(2, 256), hidden=32, vocabulary=4096
+    )
+
+    def temp_bytes(value):
+        compiled = jax.jit(jax.grad(value, argnums=(0, 1))).lower(h, kernel)
+        return compiled.compile().memory_analysis().temp_size_in_bytes
+
+    def fused(chunk_size):
+        loss = QwenVLCrossEntropy(chunk_size=chunk_size)
+        return lambda h, k: loss.from_hidden_states(labels, h, k, weights)[0]
+
+    def on_logits(h, k):
+        return QwenVLCrossEntropy()(labels, ops.matmul(h, k), weights)
+
+    logits_bytes = 512 * 4096 * 4
+    blocks, whole = temp_bytes(fused(64)), temp_bytes(on_logits)
+    assert whole - blocks >= logits_bytes, (blocks, whole)
