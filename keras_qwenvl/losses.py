@@ -32,10 +32,10 @@ class QwenVLCrossEntropy(keras.losses.Loss):
             A block's logits and their gradient take 2 x chunk_size x
             vocabulary_size floats (1.2 GB at 1,024 positions in float32);
             each further block adds a pass over a kernel-sized float32
-            gradient sum. On the "small" benchmark (1,024 loss positions, a
-            2-core CPU) one block of 1,024 made the lm_head and loss's
-            forward and backward 29% faster than the logits' autodiff,
-            blocks of 512 15% and of 256 8%.
+            gradient sum. At the "small" benchmark's sizes (1,024
+            positions, JAX, a 2-core CPU) one block of 1,024 made the
+            lm_head and loss's forward and backward 29% faster than the
+            logits' autodiff, blocks of 512 15% and of 256 8%.
     """
 
     def __init__(self, name="qwen_vl_cross_entropy", chunk_size=1024,

@@ -162,9 +162,11 @@ def slot_mismatches(optimizer):
     return bad
 
 
-def fit_one_step(model, batch):
-    """`fit()` for one step with AdamW; returns the reported loss."""
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=LOSS)
+def fit_one_step(model, batch, loss=LOSS, optimizer=None):
+    """`fit()` for one step (AdamW by default); returns the reported loss.
+    `loss="auto"` trains with the lm_head inside the loss."""
+    optimizer = optimizer or keras.optimizers.AdamW(1e-3)
+    model.compile(optimizer=optimizer, loss=loss)
     x, y, w = batch
     history = model.fit(
         x, y, sample_weight=w, batch_size=BATCH, epochs=1, verbose=0
@@ -216,6 +218,17 @@ def main(path):
         fits["model_parallel"] = fit_one_step(model, batch)
         fits["model_parallel_slot_mismatches"] = slot_mismatches(
             model.optimizer
+        )
+        # Plain SGD: the updates are the gradients themselves.
+        stepped = {}
+        for name, loss in (("sgd", LOSS), ("fused", "auto")):
+            stepped[name] = QwenVLCausalLM.from_preset(preset)
+            fits["model_parallel_" + name] = fit_one_step(
+                stepped[name], batch, loss, keras.optimizers.SGD(1.0)
+            )
+        fits["fused_weight_max_abs_diff"] = max(
+            float(np.max(np.abs(np.asarray(a.value) - np.asarray(b.value))))
+            for a, b in zip(stepped["sgd"].weights, stepped["fused"].weights)
         )
     results["fit"] = fits
     results["seconds"] = time.time() - start

@@ -156,9 +156,14 @@ def test_preset_reloaded_under_distribution_generates_the_same(measured, mesh):
 
 def test_fit_runs_under_data_and_model_parallel(measured):
     fit = measured["fit"]
-    for name in ("data_parallel", "model_parallel"):
+    names = ("data_parallel", "model_parallel", "model_parallel_sgd",
+             "model_parallel_fused")
+    for name in names:
         assert abs(fit[name] - measured["single"]["loss"]) <= TOLERANCE
     assert fit["model_parallel_slot_mismatches"] == []
+    # The lm_head inside the loss (compile's defaults) updates the sharded
+    # weights as the step on the logits does.
+    assert fit["fused_weight_max_abs_diff"] <= TOLERANCE
 
 
 @pytest.mark.skipif(
