@@ -78,8 +78,9 @@ class Spy:
         monkeypatch.setattr(QwenVLCrossEntropy, "from_hidden_states", spy)
 
 
-def train_one_step(fused, batch, freeze_head=False, dtype=None):
-    model = QwenVLCausalLM(tiny_backbone(dtype=dtype))  # seeded weights
+def train_one_step(fused, batch, freeze_head=False, dtype=None, tied=False):
+    backbone = tiny_backbone(dtype=dtype, tie_word_embeddings=tied)
+    model = QwenVLCausalLM(backbone)  # seeded weights
     if freeze_head:
         model.backbone.token_embedding.trainable = False
     if fused:  # the defaults: the lm_head goes inside the loss
@@ -133,6 +134,18 @@ def test_frozen_lm_head_skips_its_gradient(monkeypatch):
     np.testing.assert_array_equal(
         to_np(head), to_np(untouched.reverse_embeddings)
     )
+
+
+def test_tied_embeddings_fused_step(monkeypatch):
+    """A tied lm_head (the embedding's transpose) gets both gradients."""
+    batch = select_loss_positions(*multimodal_batch(seed=5), 8)
+    spy = Spy(monkeypatch)
+    _, logs, after = train_one_step(False, batch, tied=True)
+    _, fused_logs, fused_after = train_one_step(True, batch, tied=True)
+    assert spy.kernel_gradients and all(spy.kernel_gradients)
+    assert fused_logs["loss"] == pytest.approx(logs["loss"], rel=1e-5)
+    for a, b in zip(after, fused_after):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
 def test_evaluate_and_fit_after_the_fused_step():
