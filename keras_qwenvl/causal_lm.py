@@ -43,6 +43,8 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
 
     backbone_cls = QwenVLBackbone
     preprocessor_cls = QwenVLCausalLMPreprocessor
+    # True while `train_step` traces or runs with the lm_head in the loss.
+    _fusing = False
 
     def __init__(self, backbone, preprocessor=None, **kwargs):
         # === Layers ===
@@ -80,7 +82,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         Inside `fit()`'s training step with a `QwenVLCrossEntropy` loss
         (see `compile`) it returns the lm_head's inputs instead, and the
         loss applies the lm_head itself."""
-        fused = self._fuses_lm_head
+        fused = self._fusing
         if not fused and not (
             isinstance(inputs, dict) and "loss_positions" in inputs
         ):
@@ -160,10 +162,6 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             metrics.append(accuracy)
         return metrics
 
-    @property
-    def _fuses_lm_head(self):
-        return getattr(self, "_fusing", False)
-
     def _lm_head_kernel(self):
         """The lm_head's (hidden, vocabulary) weights and whether they
         train, or None where the fused loss cannot stand in for it."""
@@ -199,7 +197,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        if not self._fuses_lm_head:
+        if not self._fusing:
             return super().compute_loss(
                 x, y, y_pred, sample_weight, training=training
             )
@@ -216,7 +214,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         accuracy = getattr(self, "_token_accuracy", None)
-        if accuracy is not None and not self._fuses_lm_head:
+        if accuracy is not None and not self._fusing:
             predicted = ops.cast(ops.argmax(y_pred, axis=-1), y.dtype)
             accuracy.update_state(
                 ops.cast(ops.equal(predicted, y), "float32"),

@@ -11,11 +11,8 @@ from keras_qwenvl import QwenVLCausalLM
 from keras_qwenvl import QwenVLCrossEntropy
 from keras_qwenvl.causal_lm_preprocessor import select_loss_positions
 from tests.test_loss_positions import multimodal_batch
+from tests.test_loss_positions import to_np
 from tests.test_model import tiny_backbone
-
-
-def to_np(x):
-    return ops.convert_to_numpy(x)
 
 
 def hidden_batch(seed=0, shape=(3, 5), hidden=16, vocabulary=37):
