@@ -14,6 +14,9 @@ One run measures, for each backend (each in its own subprocess with
   tokens/s at batch 1 and 8 and the time to the first token;
 - on "small", decoding at batch 1 in float32, bfloat16 and int8
   (`quantize("int8")`);
+- the training step again with rematerialised decoder blocks
+  (`QwenVLBackbone(remat=True)`), in a process of its own so that its peak
+  memory is its own (`--no-remat` skips it);
 - keras-hub's PaliGemma at the "small" sizes (random weights) on the same
   workload, as a reference point.
 
@@ -525,6 +528,11 @@ def run_worker(spec):
         "config": spec["config"],
         "machine": backend_machine_peaks(settings["quick"]),
     }
+    if spec.get("remat"):  # the training step alone
+        causal_lm = workload.build(remat=True)
+        result["remat"] = True
+        result["training"] = measure_training(workload, causal_lm, repeats)
+        return result
     causal_lm = workload.build()
     result["parameters"] = int(causal_lm.count_params())
     result["vision"] = measure_vision(workload, causal_lm, repeats)
@@ -584,6 +592,13 @@ def derive(result, machine):
     )
     bandwidth = 1e9 * max(machine["copy_gbps"], result["machine"]["copy_gbps"])
     rows = {}
+    if result.get("remat"):
+        entry = result["training"]
+        return {
+            "training_tokens_per_s": entry["tokens"] / entry["seconds"],
+            "training_mfu": entry["flops"] / entry["seconds"] / peak_flops,
+            "training_peak_rss_gb": entry["peak_rss_bytes"] / 1e9,
+        }
     vision = result["vision"]
     rows["vision_images_per_s"] = vision["images"] / vision["seconds"]
     for phase in ("prefill", "training"):
@@ -638,9 +653,18 @@ def markdown(report):
         "TTFT b8 ms |",
         "|" + " --- |" * 13,
     ]
-    precision_lines = []
+    precision_lines, remat_lines = [], []
     for result in report["results"]:
         head = f"| {result['backend']} | {result['model']} | {result['config']} |"
+        if result.get("remat") and "error" not in result:
+            d = result["derived"]
+            remat_lines.append(
+                f"| {result['backend']} | {result['config']} |"
+                f" {fmt(d['training_tokens_per_s'], 0)}"
+                f" ({fraction(d['training_mfu'])}) |"
+                f" {fmt(d['training_peak_rss_gb'], 2)} |"
+            )
+            continue
         if "error" in result:
             lines.append(head + f" failed (exit {result['error']}, see log) |")
             continue
@@ -674,6 +698,15 @@ def markdown(report):
             "| backend | config | weights | decode tok/s | fraction of BW bound |",
             "|" + " --- |" * 5,
         ] + precision_lines
+    if remat_lines:
+        lines += [
+            "",
+            "Training with rematerialised decoder blocks "
+            "(`QwenVLBackbone(remat=True)`, a process of its own):",
+            "",
+            "| backend | config | train tok/s (MFU) | train peak RSS GB |",
+            "|" + " --- |" * 4,
+        ] + remat_lines
     lines += [
         "",
         "MFU: analytic model FLOPs per second / the larger matmul peak "
@@ -706,6 +739,11 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, help="tokens per generation")
     parser.add_argument(
         "--no-reference", action="store_true", help="skip keras-hub PaliGemma"
+    )
+    parser.add_argument(
+        "--no-remat",
+        action="store_true",
+        help="skip the training step with rematerialised decoder blocks",
     )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -745,13 +783,22 @@ def main(argv=None):
         flush=True,
     )
     specs = [{"model": "qwenvl", "config": name} for name in args.configs]
+    if not args.no_remat:
+        specs += [
+            {"model": "qwenvl", "config": name, "remat": True}
+            for name in args.configs
+        ]
     if REFERENCE_CONFIG in args.configs and not args.no_reference:
         specs.append({"model": "paligemma", "config": REFERENCE_CONFIG})
     results = []
     with open(os.path.join(args.out, "log.txt"), "w") as log:
         for backend in args.backends:
             for spec in specs:
-                print(f"{backend}: {spec['model']} {spec['config']}", flush=True)
+                remat = " (remat)" if spec.get("remat") else ""
+                print(
+                    f"{backend}: {spec['model']} {spec['config']}{remat}",
+                    flush=True,
+                )
                 result = run_in_subprocess(
                     backend, {**spec, "settings": settings}, log
                 )

@@ -4,13 +4,13 @@ Qwen-7B decoder blocks and the final RMSNorm."""
 import keras
 import numpy as np
 from keras import ops
-from keras_hub.layers import ReversibleEmbedding
 from keras_hub.models import Backbone
 
 from keras_qwenvl.decoder import QwenVLDecoderBlock
 from keras_qwenvl.decoder import QwenVLRMSNorm
 from keras_qwenvl.initializers import FreshDraws
 from keras_qwenvl.presets import QwenVLPresetMixin
+from keras_qwenvl.token_embedding import QwenVLTokenEmbedding
 from keras_qwenvl.vision_encoder import QwenVLVisionEncoder  # noqa: F401 (registers it for `from_config`)
 
 
@@ -168,7 +168,7 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
             )
 
         # === Layers ===
-        self.token_embedding = ReversibleEmbedding(
+        self.token_embedding = QwenVLTokenEmbedding(
             input_dim=vocabulary_size,
             output_dim=hidden_dim,
             tie_weights=tie_word_embeddings,

@@ -14,6 +14,8 @@ from keras import ops
 from keras_hub.src.utils.keras_utils import clone_initializer
 
 from keras_qwenvl.initializers import projection_initializer
+from keras_qwenvl.remat import rematerialized_call
+from keras_qwenvl.softmax import attention_softmax
 
 # Dynamic NTK can raise the rotary base for prompts up to
 # seq_length * 2 ** (_MAX_NTK_DOUBLINGS - 1) tokens; longer prompts keep the
@@ -270,7 +272,7 @@ class QwenVLAttention(keras.layers.Layer):
         scores = ops.cast(scores, "float32") * scale
         mask = mask[:, None, :, :]
         scores = ops.where(mask, scores, ops.full_like(scores, -1e30))
-        probs = ops.softmax(scores, axis=-1)
+        probs = attention_softmax(scores)
         probs = ops.cast(probs, value.dtype)
         probs = self.dropout_layer(probs, training=training)
         return ops.einsum("bnts,bsnh->btnh", probs, value)
@@ -408,7 +410,7 @@ class QwenVLDecoderBlock(keras.layers.Layer):
             )
 
         if self.remat and training and cache is None:
-            return keras.remat(forward)(x)
+            return rematerialized_call(self, forward, x)
         return forward(x)
 
     def _forward(

@@ -210,3 +210,34 @@ def test_blocks_bound_the_gradients_memory():
     logits_bytes = 512 * 4096 * 4
     blocks, whole = temp_bytes(fused(64)), temp_bytes(on_logits)
     assert whole - blocks >= logits_bytes, (blocks, whole)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="XLA's compiled training step (JAX)",
+)
+def test_training_step_keeps_no_copy_of_the_lm_head():
+    """The input gradient reads the kernel that the update overwrites in
+    place: the loss orders that read first, so XLA copies no kernel."""
+    import jax
+
+    h, kernel, labels, weights = hidden_batch(
+        shape=(2, 64), hidden=32, vocabulary=4096
+    )
+    projection = np.eye(32, dtype="float32")
+    loss = QwenVLCrossEntropy()
+
+    def step(weights_):
+        def value(weights_):
+            w, k = weights_
+            return loss.from_hidden_states(labels, h @ w, k, weights)[0]
+
+        gradients = jax.grad(value)(weights_)
+        return [w - 0.1 * g for w, g in zip(weights_, gradients)]
+
+    hlo = jax.jit(step, donate_argnums=0).lower([projection, kernel])
+    copies = [
+        line for line in hlo.compile().as_text().splitlines()
+        if " copy(" in line and "f32[32,4096]" in line.split(" copy(")[0]
+    ]
+    assert not copies, copies

@@ -1,0 +1,116 @@
+"""`QwenVLTokenEmbedding`: keras-hub's `ReversibleEmbedding` with the same
+numbers, whose table gradient on JAX is made only once the looked-up rows'
+gradient exists."""
+
+import keras
+import numpy as np
+import pytest
+from keras_hub.layers import ReversibleEmbedding
+
+from keras_qwenvl.token_embedding import QwenVLTokenEmbedding
+from tests.test_fused_loss import train_one_step
+from tests.test_loss_positions import multimodal_batch
+from tests.test_loss_positions import to_np
+from tests.test_model import tiny_backbone
+
+
+def use_keras_hubs_lookup(monkeypatch):
+    monkeypatch.setattr(QwenVLTokenEmbedding, "call", ReversibleEmbedding.call)
+
+
+@pytest.mark.parametrize(
+    "dtype, tied, tolerance",
+    [("float32", False, 1e-6), ("float32", True, 1e-6),
+     ("bfloat16", False, 1e-2)],
+)
+def test_training_step_equals_keras_hubs_lookup(
+    dtype, tied, tolerance, monkeypatch
+):
+    x, y, weights = multimodal_batch(seed=3)
+    model, logs, ours = train_one_step(True, (x, y, weights), dtype=dtype,
+                                       tied=tied)
+    use_keras_hubs_lookup(monkeypatch)
+    _, their_logs, theirs = train_one_step(True, (x, y, weights),
+                                           dtype=dtype, tied=tied)
+    assert logs["loss"] == pytest.approx(their_logs["loss"], rel=tolerance)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
+    if tied:
+        return
+    # SGD: no row outside the batch moved; most of its rows did (not the
+    # image span's, replaced by image features, nor those after the loss).
+    table = to_np(model.backbone.token_embedding.embeddings)
+    start = to_np(tiny_backbone(dtype=dtype).token_embedding.embeddings)
+    moved = np.any(table != start, axis=-1)
+    used = np.zeros(len(table), bool)
+    used[np.asarray(x["token_ids"]).ravel()] = True
+    np.testing.assert_array_equal(moved[~used], False)
+    assert moved[used].sum() >= used.sum() // 2
+
+
+def test_quantized_and_reverse_calls_are_keras_hubs():
+    layer = QwenVLTokenEmbedding(50, 8)
+    layer.build()
+    reference = ReversibleEmbedding(50, 8)
+    reference.build()
+    reference.set_weights(layer.get_weights())
+    ids = np.arange(12, dtype="int32").reshape(3, 4)
+    hidden = np.random.default_rng(0).normal(size=(3, 8)).astype("float32")
+    for inputs, reverse in ((ids, False), (hidden, True)):
+        np.testing.assert_allclose(
+            to_np(layer(inputs, reverse=reverse)),
+            to_np(reference(inputs, reverse=reverse)),
+            rtol=1e-6, atol=1e-6,
+        )
+    layer.quantize("int8", type_check=False)
+    reference.quantize("int8", type_check=False)
+    np.testing.assert_array_equal(to_np(layer(ids)), to_np(reference(ids)))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="XLA's memory analysis of a compiled training step (JAX)",
+)
+def test_adamw_step_holds_the_table_gradient_for_less_time(monkeypatch):
+    """With keras-hub's lookup XLA's CPU scheduler makes the table-sized
+    zeros of its gradient before the activations are freed; with ours the
+    step's temporary memory is smaller by at least the table."""
+    import jax
+
+    vocabulary, hidden = 20000, 64
+    ids = np.random.default_rng(0).integers(0, vocabulary, (4, 256))
+    x = {"token_ids": ids.astype("int32"),
+         "padding_mask": np.ones(ids.shape, "int32")}
+
+    def temp_bytes():
+        backbone = tiny_backbone(
+            vision=False, vocabulary_size=vocabulary, hidden_dim=hidden,
+            intermediate_dim=128, seq_length=256,
+        )
+        optimizer = keras.optimizers.AdamW()
+        optimizer.build(backbone.trainable_variables)
+        trainable = [v.value for v in backbone.trainable_variables]
+        frozen = [v.value for v in backbone.non_trainable_variables]
+
+        def step(trainable, optimizer_variables):
+            def loss(trainable):
+                out, _ = backbone.stateless_call(
+                    trainable, frozen, x, training=True
+                )
+                return (out**2).sum()
+
+            gradients = jax.grad(loss)(trainable)
+            return optimizer.stateless_apply(
+                optimizer_variables, gradients, trainable
+            )
+
+        optimizer_variables = [v.value for v in optimizer.variables]
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+            trainable, optimizer_variables
+        ).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    ours = temp_bytes()
+    use_keras_hubs_lookup(monkeypatch)
+    theirs = temp_bytes()
+    assert theirs - ours >= vocabulary * hidden * 4, (ours, theirs)
