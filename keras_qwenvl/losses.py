@@ -4,6 +4,8 @@ import keras
 from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
+from keras_qwenvl.ordering import after
+
 # Reductions that `QwenVLCrossEntropy.from_hidden_states` reproduces.
 _FUSED_REDUCTIONS = ("sum", "sum_over_batch_size", "mean",
                      "mean_with_sample_weight")
@@ -129,22 +131,6 @@ class QwenVLCrossEntropy(keras.losses.Loss):
         return loss, correct, ops.stop_gradient(ops.sum(weights))
 
 
-def _after_input_gradient(grad_kernel, grad_hidden):
-    """`grad_kernel`, made to depend on `grad_hidden` (its value unchanged
-    for any finite `grad_hidden`).
-
-    The lm_head's input gradient reads the kernel, and the optimizer
-    updates the kernel in place from the kernel's gradient alone: with
-    nothing ordering that read first, XLA keeps a copy of the kernel in
-    the training step (311 MB at Qwen's vocabulary and 512 hidden).
-    Adding zero times one entry of the input gradient orders it (an
-    optimization barrier does not: XLA turns it into a control
-    dependency that its copy removal does not follow). Were that entry
-    not finite, every other gradient would not be either.
-    """
-    return grad_kernel + ops.cast(grad_hidden[0, 0], grad_kernel.dtype) * 0
-
-
 def _lm_head_cross_entropy(
     hidden_states, kernel, labels, weights, chunk_size, dtype,
     kernel_gradient,
@@ -234,7 +220,9 @@ def _lm_head_cross_entropy(
             carry = ops.fori_loop(0, chunks, step, carry)
         sums, grad_hidden, grad_kernel = carry
         if kernel_gradient:
-            grad_kernel = _after_input_gradient(grad_kernel, grad_hidden)
+            # The input gradient reads the kernel that the optimizer then
+            # updates in place: ordered first, XLA keeps no kernel copy.
+            grad_kernel = after(grad_kernel, grad_hidden)
 
         def gradient(*args, upstream=None):
             if upstream is None:

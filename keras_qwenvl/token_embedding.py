@@ -4,6 +4,8 @@ import keras
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
+from keras_qwenvl.ordering import after
+
 
 @keras.saving.register_keras_serializable(package="keras_qwenvl")
 class QwenVLTokenEmbedding(ReversibleEmbedding):
@@ -16,9 +18,9 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
     backward pass, and XLA's CPU scheduler creates the zeros early, so that
     a training step holds them next to all its activations (311 MB at
     Qwen's 151,936 x 512, 2.5 GB at the published 4,096): here the zeros
-    are scaled by zero times one entry of the rows' gradient, which places
-    them after it. Other backends (and quantized or reverse calls) use the
-    parent's call unchanged.
+    are made to depend on the rows' gradient (`ordering.after`), which
+    places them after it. Other backends (and quantized or reverse calls)
+    use the parent's call unchanged.
     """
 
     def call(self, inputs, reverse=False):
@@ -43,10 +45,7 @@ def _jax_lookup(table, ids):
     def lookup(table):
         def gradient(rows_gradient):
             rows_gradient = rows_gradient.reshape(-1, table.shape[-1])
-            # Were that entry not finite, no gradient would be.
-            zeros = jnp.zeros(table.shape, table.dtype) * (
-                rows_gradient[0, 0].astype(table.dtype) * 0
-            )
+            zeros = after(jnp.zeros(table.shape, table.dtype), rows_gradient)
             flat_ids = ids.reshape(-1)
             return (zeros.at[flat_ids].add(rows_gradient.astype(table.dtype)),)
 
