@@ -14,9 +14,10 @@ One run measures, for each backend (each in its own subprocess with
   tokens/s at batch 1 and 8 and the time to the first token;
 - on "small", decoding at batch 1 in float32, bfloat16 and int8
   (`quantize("int8")`);
-- the training step again with rematerialised decoder blocks
-  (`QwenVLBackbone(remat=True)`), in a process of its own so that its peak
-  memory is its own (`--no-remat` skips it);
+- the training step again with rematerialised decoder and ViT blocks
+  (`QwenVLBackbone(remat=True)`, `vision_encoder.remat = True`), in a
+  process of its own so that its peak memory is its own (`--no-remat`
+  skips it);
 - keras-hub's PaliGemma at the "small" sizes (random weights) on the same
   workload, as a reference point.
 
@@ -530,6 +531,7 @@ def run_worker(spec):
     }
     if spec.get("remat"):  # the training step alone
         causal_lm = workload.build(remat=True)
+        causal_lm.backbone.vision_encoder.remat = True
         result["remat"] = True
         result["training"] = measure_training(workload, causal_lm, repeats)
         return result
@@ -701,8 +703,9 @@ def markdown(report):
     if remat_lines:
         lines += [
             "",
-            "Training with rematerialised decoder blocks "
-            "(`QwenVLBackbone(remat=True)`, a process of its own):",
+            "Training with rematerialised decoder and ViT blocks "
+            "(`QwenVLBackbone(remat=True)`, `vision_encoder.remat = True`, "
+            "a process of its own):",
             "",
             "| backend | config | train tok/s (MFU) | train peak RSS GB |",
             "|" + " --- |" * 4,
@@ -743,7 +746,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--no-remat",
         action="store_true",
-        help="skip the training step with rematerialised decoder blocks",
+        help="skip the training step with rematerialised blocks",
     )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

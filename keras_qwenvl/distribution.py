@@ -415,6 +415,7 @@ def _activation_bytes(
     image_size,
     images_per_sample,
     remat,
+    vision_remat=False,
 ):
     """Activations kept for the backward pass of one sample (bytes).
 
@@ -427,8 +428,10 @@ def _activation_bytes(
     input is kept, plus one block's activations while it is recomputed.
     Logits: the logits, their gradient and a float32 softmax. A trained ViT
     keeps `8 * width + 2 * mlp` values per patch and layer plus
-    `heads * patches` probabilities (it has no remat option); the adapter
-    keeps its keys, values and queries. A frozen ViT keeps nothing.
+    `heads * patches` probabilities; with `vision_remat` only each block's
+    input, plus one block's activations while it is recomputed. The
+    adapter keeps its keys, values and queries. A frozen ViT keeps
+    nothing.
     """
     s, b = sequence_length, value_bytes
     hidden = config["hidden_size"]
@@ -455,14 +458,14 @@ def _activation_bytes(
     vit = 0
     if STAGES[stage]["vision_tower"]:
         mlp = int(width * visual["mlp_ratio"])
-        vit = (
-            visual["layers"]
-            * patches
-            * (
-                (8 * width + 2 * mlp) * b
-                + visual["heads"] * patches * probabilities
-            )
+        vit_block = patches * (
+            (8 * width + 2 * mlp) * b
+            + visual["heads"] * patches * probabilities
         )
+        if vision_remat:
+            vit = visual["layers"] * patches * width * b + vit_block
+        else:
+            vit = visual["layers"] * vit_block
     return decoder + logits + images_per_sample * (adapter + vit)
 
 
@@ -477,6 +480,7 @@ def memory_estimate(
     remat=True,
     gradient_accumulation=False,
     device_memory=80e9,
+    vision_remat=False,
 ):
     """Training memory per device for one of the paper's stages.
 
@@ -504,6 +508,9 @@ def memory_estimate(
             (`gradient_accumulation_steps > 1` keeps one more
             gradient-sized buffer).
         device_memory: bytes per device, for `max_batch_size`.
+        vision_remat: whether ViT blocks are rematerialised
+            (`QwenVLVisionEncoder(remat=True)`; matters in stages 1 and
+            2, where the ViT trains).
 
     Returns:
         A dict: `parameters` and `trainable` counts; bytes per device of
@@ -548,6 +555,7 @@ def memory_estimate(
         image_size or default_image,
         images_per_sample,
         remat,
+        vision_remat,
     )
     estimate["activations_per_sample"] = per_sample
     estimate["max_batch_size"] = max(

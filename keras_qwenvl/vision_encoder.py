@@ -17,6 +17,7 @@ from keras_qwenvl.initializers import projection_initializer
 from keras_qwenvl.layer_norm import QwenVLLayerNorm
 from keras_qwenvl.position_tables import resize_position_table
 from keras_qwenvl.position_tables import sincos_2d_table
+from keras_qwenvl.remat import rematerialized_call
 
 # The checkpoint's learned ViT position table is always 16 x 16
 # (`visual.positional_embedding` has 256 rows).
@@ -26,7 +27,8 @@ POSITION_TABLE_GRID = 16
 @keras.saving.register_keras_serializable(package="keras_qwenvl")
 class QwenVLVisionBlock(keras.layers.Layer):
     """Pre-LayerNorm ViT block: `x + attn(ln_1 x)`, `x + mlp(ln_2 x)`, with
-    an exact (erf) GELU MLP."""
+    an exact (erf) GELU MLP. With `remat`, a training call keeps no
+    activations: the backward pass recomputes them."""
 
     def __init__(
         self,
@@ -34,12 +36,14 @@ class QwenVLVisionBlock(keras.layers.Layer):
         intermediate_dim,
         layer_norm_epsilon=1e-6,
         kernel_initializer="glorot_uniform",
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.remat = bool(remat)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, input_shape):
@@ -77,10 +81,15 @@ class QwenVLVisionBlock(keras.layers.Layer):
         self.mlp_proj.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
         self.built = True
 
-    def call(self, x, attention_mask=None):
-        x = x + self.attention(self.ln_1(x), attention_mask=attention_mask)
-        h = ops.gelu(self.mlp_fc(self.ln_2(x)), approximate=False)
-        return x + self.mlp_proj(h)
+    def call(self, x, attention_mask=None, training=None):
+        def forward(x):
+            x = x + self.attention(self.ln_1(x), attention_mask=attention_mask)
+            h = ops.gelu(self.mlp_fc(self.ln_2(x)), approximate=False)
+            return x + self.mlp_proj(h)
+
+        if self.remat and training:
+            return rematerialized_call(self, forward, x)
+        return forward(x)
 
     def get_config(self):
         config = super().get_config()
@@ -92,6 +101,7 @@ class QwenVLVisionBlock(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
+                "remat": self.remat,
             }
         )
         return config
@@ -143,6 +153,11 @@ class QwenVLVisionEncoder(keras.layers.Layer):
             query starts with a bias towards the patches near its own
             place; `QwenVLAdapter`'s `local_start`). Weights loaded from a
             checkpoint replace both.
+        remat: rematerialise each ViT block in training (its activations
+            are recomputed in the backward pass instead of kept: at 448
+            pixels a block keeps its 1,024 patches' activations and one
+            (heads, 1,024, 1,024) attention array per image otherwise).
+            Settable later: `backbone.vision_encoder.remat = True`.
     """
 
     def __init__(
@@ -160,6 +175,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         window_size=None,
         global_attention_layers=None,
         spatial_start=False,
+        remat=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -222,11 +238,13 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 num_heads=num_heads,
                 intermediate_dim=intermediate_dim,
                 layer_norm_epsilon=layer_norm_epsilon,
+                remat=remat,
                 name=f"vision_layer_{i}",
                 dtype=policy,
             )
             for i in range(num_layers)
         ]
+        self.remat = remat
         self.adapter = QwenVLAdapter(
             output_dim=output_dim,
             num_queries=num_queries,
@@ -272,9 +290,23 @@ class QwenVLVisionEncoder(keras.layers.Layer):
         self.proj.build(features)
         self.built = True
 
-    def call(self, pixels):
+    @property
+    def remat(self):
+        """Whether the ViT blocks are rematerialised in training; settable
+        on a built encoder (e.g. `backbone.vision_encoder.remat = True`
+        after `from_preset`)."""
+        return self._remat
+
+    @remat.setter
+    def remat(self, value):
+        self._remat = bool(value)
+        for layer in self.vision_layers:
+            layer.remat = self._remat
+
+    def call(self, pixels, training=None):
         """(n, S, S, 3) -> (n, num_queries, output_dim); a batch of image
-        slots (b, m, S, S, 3) gives (b, m, num_queries, output_dim)."""
+        slots (b, m, S, S, 3) gives (b, m, num_queries, output_dim).
+        `training` turns the blocks' `remat` on."""
         if len(pixels.shape) == 5:
             batch, slots = ops.shape(pixels)[0], ops.shape(pixels)[1]
             if pixels.shape[1] == 0:
@@ -286,15 +318,15 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                     dtype=self.compute_dtype,
                 )
             flat = ops.reshape(pixels, (-1,) + tuple(pixels.shape[2:]))
-            features = self.call(flat)
+            features = self.call(flat, training=training)
             return ops.reshape(
                 features,
                 (batch, slots, self.num_queries, self.output_dim),
             )
-        x = self.adapter(self.patch_features(pixels))
+        x = self.adapter(self.patch_features(pixels, training=training))
         return self.proj(self.ln_post(x))
 
-    def patch_features(self, pixels):
+    def patch_features(self, pixels, training=None):
         """The ViT's output before the adapter: (n, S, S, 3) ->
         (n, grid * grid, width)."""
         x = self.patch_embedding(ops.cast(pixels, self.compute_dtype))
@@ -311,7 +343,11 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 window_mask is not None
                 and i not in self.global_attention_layers
             )
-            x = layer(x, attention_mask=window_mask if windowed else None)
+            x = layer(
+                x,
+                attention_mask=window_mask if windowed else None,
+                training=training,
+            )
         return x
 
     def compute_output_shape(self, input_shape):
@@ -334,6 +370,7 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 "window_size": self.window_size,
                 "global_attention_layers": self.global_attention_layers,
                 "spatial_start": self.spatial_start,
+                "remat": self.remat,
             }
         )
         return config

@@ -398,6 +398,21 @@ def test_memory_estimate_by_hand():
         PUBLISHED_PARTS[p] for p in ("vision_tower", "adapter", "vision_output")
     )
     assert e1["accumulators"] == (vision - POS_EMBED) * 4
+    # Rematerialised, the ViT keeps its blocks' inputs and one block.
+    e1_remat = memory_estimate(
+        PUBLISHED_CONFIG,
+        1,
+        precision="float32",
+        remat=False,
+        images_per_sample=2,
+        gradient_accumulation=True,
+        vision_remat=True,
+    )
+    vit_remat = 48 * 256 * W * 4 + vit // 48
+    assert e1_remat["activations_per_sample"] == decoder + logits + 2 * (
+        vit_remat + adapter
+    )
+    assert e1_remat["max_batch_size"] > e1["max_batch_size"]
     # Stage 2 in float32 does not fit one 80 GB card at all.
     e2 = memory_estimate(PUBLISHED_CONFIG, 2, precision="float32")
     assert e2["state"] > 80e9 and e2["max_batch_size"] == 0
