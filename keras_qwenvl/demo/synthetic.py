@@ -121,13 +121,10 @@ class Settings:
     # that token's place and its box (the paper starts from a pre-trained
     # ViT; end to end a from-scratch encoder learns neither places nor
     # words within the budget).
-    vision_pretraining_steps: int = 2800
+    vision_pretraining_steps: int = 2400
     vision_pretraining_learning_rate: float = 5e-4
-    # The share of OCR images (the rest are shapes images) in it: 4/7 of
-    # 2,800 steps draw as many shapes images as half of 2,400 and a third
-    # more OCR images, with which the reading stops hanging on float
-    # rounding (docs/main_job.md, "Reading at its threshold").
-    vision_pretraining_ocr_share: float = 4 / 7
+    # The share of OCR images (the rest are shapes images) in it.
+    vision_pretraining_ocr_share: float = 0.5
     # Image slots per packed row: each slot costs a ViT pass, used or not.
     max_images_per_row: int = 3
     eval_images: int = 200
