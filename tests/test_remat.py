@@ -30,6 +30,28 @@ def sgd_step(remat, dropout=0.0, vision_remat=False):
     return logs["loss"], [to_np(v) for v in model.weights]
 
 
+def jax_step_temp_bytes(layer, inputs):
+    """XLA's temporary memory of a compiled SGD step of `layer` on
+    `inputs` (loss: the sum of the squared outputs)."""
+    import jax
+
+    trainable = [v.value for v in layer.trainable_variables]
+    frozen = [v.value for v in layer.non_trainable_variables]
+
+    def step(trainable):
+        def loss(trainable):
+            out, _ = layer.stateless_call(
+                trainable, frozen, inputs, training=True
+            )
+            return (out**2).sum()
+
+        gradients = jax.grad(loss)(trainable)
+        return [w - 0.1 * g for w, g in zip(trainable, gradients)]
+
+    compiled = jax.jit(step, donate_argnums=0).lower(trainable)
+    return compiled.compile().memory_analysis().temp_size_in_bytes
+
+
 def test_remat_step_equals_the_plain_step():
     loss, weights = sgd_step(False)
     remat_loss, remat_weights = sgd_step(True)
@@ -84,8 +106,6 @@ def test_jax_recomputation_waits_for_the_backward_pass(monkeypatch):
     during the forward pass and keeps about as much as without remat;
     tied to the output's gradient the recomputation frees at least one
     attention-probabilities array per block but one."""
-    import jax
-
     layers, heads, length, rows = 4, 4, 256, 4
     ids = np.random.default_rng(0).integers(0, 1000, (rows, length))
     x = {"token_ids": ids.astype("int32"),
@@ -97,21 +117,7 @@ def test_jax_recomputation_waits_for_the_backward_pass(monkeypatch):
             intermediate_dim=128, num_layers=layers, num_heads=heads,
             seq_length=length, remat=True,
         )
-        trainable = [v.value for v in backbone.trainable_variables]
-        frozen = [v.value for v in backbone.non_trainable_variables]
-
-        def step(trainable):
-            def loss(trainable):
-                out, _ = backbone.stateless_call(
-                    trainable, frozen, x, training=True
-                )
-                return (out**2).sum()
-
-            gradients = jax.grad(loss)(trainable)
-            return [w - 0.1 * g for w, g in zip(trainable, gradients)]
-
-        compiled = jax.jit(step, donate_argnums=0).lower(trainable)
-        return compiled.compile().memory_analysis().temp_size_in_bytes
+        return jax_step_temp_bytes(backbone, x)
 
     ours = temp_bytes()
     monkeypatch.setattr(
@@ -131,8 +137,6 @@ def test_jax_vision_remat_keeps_less():
     """A trained ViT keeps, per block, its patches' activations and one
     attention-probabilities array per image; rematerialised, it keeps the
     blocks' inputs and one block's activations at a time."""
-    import jax
-
     layers, heads, images, image_size, patch = 4, 4, 4, 112, 7
     patches = (image_size // patch) ** 2
     pixels = np.random.default_rng(0).random(
@@ -146,21 +150,7 @@ def test_jax_vision_remat_keeps_less():
             num_layers=layers, num_heads=heads, intermediate_dim=128,
             remat=remat,
         )
-        trainable = [v.value for v in encoder.trainable_variables]
-        frozen = [v.value for v in encoder.non_trainable_variables]
-
-        def step(trainable):
-            def loss(trainable):
-                out, _ = encoder.stateless_call(
-                    trainable, frozen, pixels, training=True
-                )
-                return (out**2).sum()
-
-            gradients = jax.grad(loss)(trainable)
-            return [w - 0.1 * g for w, g in zip(trainable, gradients)]
-
-        compiled = jax.jit(step, donate_argnums=0).lower(trainable)
-        return compiled.compile().memory_analysis().temp_size_in_bytes
+        return jax_step_temp_bytes(encoder, pixels)
 
     plain, ours = temp_bytes(False), temp_bytes(True)
     probabilities_bytes = images * heads * patches * patches * 4
