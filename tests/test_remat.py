@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from keras_qwenvl import QwenVLCausalLM
+from keras_qwenvl import QwenVLVisionEncoder
 from keras_qwenvl import remat as remat_module
 from keras_qwenvl import vision_encoder as vision_encoder_module
 from tests.test_fused_loss import assert_same_step
 from tests.test_loss_positions import multimodal_batch
 from tests.test_loss_positions import to_np
-from keras_qwenvl import QwenVLVisionEncoder
 from tests.test_model import tiny_backbone
 from tests.test_model import tiny_encoder
 
