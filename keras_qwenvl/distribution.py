@@ -407,6 +407,13 @@ def parameter_counts(config, stage=2):
     return counts
 
 
+def _kept_by_blocks(layers, block_input, block, remat):
+    """Bytes a stack of `layers` blocks keeps for the backward pass: every
+    block's activations (`block` each), or, rematerialised, every block's
+    input plus one block's activations while it is recomputed."""
+    return layers * block_input + block if remat else layers * block
+
+
 def _activation_bytes(
     config,
     stage,
@@ -442,10 +449,7 @@ def _activation_bytes(
         (8 * hidden + 4 * intermediate) * b + heads * s * probabilities
     )
     layers = config["num_hidden_layers"]
-    if remat:
-        decoder = layers * s * hidden * b + block
-    else:
-        decoder = layers * block
+    decoder = _kept_by_blocks(layers, s * hidden * b, block, remat)
     logits = s * config["vocab_size"] * (2 * b + 4)
 
     visual = config["visual"]
@@ -462,10 +466,9 @@ def _activation_bytes(
             (8 * width + 2 * mlp) * b
             + visual["heads"] * patches * probabilities
         )
-        if vision_remat:
-            vit = visual["layers"] * patches * width * b + vit_block
-        else:
-            vit = visual["layers"] * vit_block
+        vit = _kept_by_blocks(
+            visual["layers"], patches * width * b, vit_block, vision_remat
+        )
     return decoder + logits + images_per_sample * (adapter + vit)
 
 
