@@ -157,6 +157,53 @@ def test_task_loss_weights_scale_only_their_tasks_tokens(preprocessor):
         )
 
 
+def test_phrase_labels_mark_the_words_inside_ref_tags():
+    ref, end = 7, 8
+    labels = np.array([1, ref, 2, 3, end, 4, 5, ref, 6, end, ref, 9, end, 0])
+    want = [0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 0, 1, 0, 0]
+    np.testing.assert_array_equal(
+        data_loader.phrase_labels(labels, ref, end), np.array(want, bool)
+    )
+
+
+def test_phrase_loss_weight_scales_the_ref_phrases_only(
+    preprocessor, tokenizer
+):
+    examples = [
+        {
+            "task": "grounding",
+            "prompts": "Where is <ref>the dog</ref>? ",
+            "responses": "<ref>a cat</ref><box>(10,20),(300,400)</box> and "
+            "<ref>big sun</ref><box>(1,2),(3,4)</box> end",
+        },
+        {"task": "text", "text": "no phrase at all"},
+    ]
+    common = dict(batch_size=2, shuffle=False)
+    plain = next(iter(data_loader.QwenVLDataLoader(
+        examples, preprocessor, **common
+    )))
+    weighted = next(iter(data_loader.QwenVLDataLoader(
+        examples, preprocessor, phrase_loss_weight=4.0,
+        task_loss_weights={"grounding": 0.5}, **common,
+    )))
+    _, y, w_plain = (np.asarray(v) for v in plain)
+    w = np.asarray(weighted[2])
+    np.testing.assert_array_equal(y, np.asarray(weighted[1]))
+    # Row 0: the task's 0.5, times 4 on the phrases.
+    scaled = w[0] != 0.5 * w_plain[0]
+    np.testing.assert_array_equal(w[0][scaled], 2.0 * w_plain[0][scaled])
+    # The scaled labels are the response's phrases, not the prompt's.
+    words = tokenizer.detokenize(y[0][scaled].tolist())
+    assert words.replace(" ", "") == "acatbigsun"
+    # A row without phrases keeps its weights (the task's weight is 1).
+    np.testing.assert_array_equal(w[1], w_plain[1])
+    assert w_plain[1].sum() > 0
+    with pytest.raises(ValueError, match="phrase_loss_weight.*>= 0"):
+        data_loader.QwenVLDataLoader(
+            examples, preprocessor, phrase_loss_weight=-2
+        )
+
+
 def test_seeds_shuffle_and_repeat(preprocessor):
     examples = mixed_examples(8)
 

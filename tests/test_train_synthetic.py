@@ -128,6 +128,26 @@ def test_stage_mixtures_come_from_the_settings(tmp_path, monkeypatch):
     assert seen == [mixture[1], mixture[2], mixture[3], mixture[2]]
 
 
+def test_stage_loaders_weight_the_phrases_as_set(tmp_path):
+    """Every stage's batches carry `Settings.phrase_loss_weight` on the
+    words of each `<ref>` phrase (grounding rows: the phrase, then the
+    box's digits at 1)."""
+    mixture = {stage: {"grounding": 1} for stage in (1, 2, 3)}
+    settings = train_synthetic.Settings(
+        **dict(train_synthetic.QUICK, stage_tasks=mixture)
+    )
+    assert settings.phrase_loss_weight == 5.0
+    model = train_synthetic.build_model(settings, str(tmp_path))
+    tokenizer = model.preprocessor.tokenizer
+    for stage in (1, 2, 3):
+        loader = train_synthetic.stage_loader(model, settings, stage, 1)
+        x, y, weight = (np.asarray(v) for v in next(iter(loader.dataset())))
+        values = set(np.unique(weight).tolist())
+        assert values == {0.0, 1.0, 5.0}, (stage, values)
+        words = tokenizer.detokenize(y[0][weight[0] == 5.0].tolist())
+        assert words.startswith("the "), words
+
+
 # === The script's restart with huge pages ===
 
 SCRIPT = os.path.join(

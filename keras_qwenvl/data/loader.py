@@ -215,12 +215,19 @@ class _Preprocess:
         max_images,
         image_dir,
         task_loss_weights=None,
+        phrase_loss_weight=1.0,
     ):
         self.preprocessor = preprocessor
         self.sequence_length = sequence_length
         self.max_images = max_images
         self.image_dir = image_dir
         self.task_loss_weights = task_loss_weights or {}
+        self.phrase_loss_weight = phrase_loss_weight
+        tokenizer = preprocessor.tokenizer
+        self.ref_ids = (
+            tokenizer.token_to_id("<ref>"),
+            tokenizer.token_to_id("</ref>"),
+        )
 
     def __call__(self, item):
         index, example = item
@@ -253,14 +260,19 @@ class _Preprocess:
                 name, reason, _strip_index(error)
             ) from None
         task = example.get("task")
-        scale = self.task_loss_weights.get(task, 1.0)
+        y = np.asarray(y)
+        weight = np.asarray(sample_weight, "float32")
+        weight = weight * self.task_loss_weights.get(task, 1.0)
+        if self.phrase_loss_weight != 1.0:
+            inside = phrase_labels(y, *self.ref_ids)
+            weight = np.where(inside, weight * self.phrase_loss_weight, weight)
         record = {
             "name": name,
             "task": task,
             "token_ids": np.asarray(x["token_ids"]),
             "padding_mask": np.asarray(x["padding_mask"]),
-            "y": np.asarray(y),
-            "sample_weight": np.asarray(sample_weight, "float32") * scale,
+            "y": y,
+            "sample_weight": weight,
         }
         if "images" in x:
             images = np.asarray(x["images"])
@@ -273,6 +285,28 @@ class _Preprocess:
                 )
             record["images"] = images
         return record
+
+
+def phrase_labels(labels, ref_id, end_ref_id):
+    """Where `labels` (a sample's next-token labels at every position)
+    are tokens of a `<ref>...</ref>` phrase: after a `<ref>` label and up
+    to, not including, its `</ref>`.
+
+    Args:
+        labels: an int array `(sequence_length,)`.
+        ref_id: the id of `<ref>`.
+        end_ref_id: the id of `</ref>`.
+
+    Returns:
+        A bool array of the same shape.
+    """
+    labels = np.asarray(labels)
+    opens = np.cumsum(labels == ref_id)
+    closes = np.cumsum(labels == end_ref_id)
+    # Tags do not nest: inside a phrase one more `<ref>` than `</ref>`
+    # has been seen.
+    inside = opens > closes
+    return inside & (labels != ref_id)
 
 
 def _strip_index(error):
@@ -394,6 +428,13 @@ class QwenVLDataLoader:
             1 for the others), e.g. `{"caption": 3.0}` to make a task
             whose responses are a few tokens count as much as a task
             with long ones. Weights are >= 0.
+        phrase_loss_weight: a factor (>= 0) on the loss weight of the
+            target tokens of each `<ref>...</ref>` phrase (the words that
+            name what a box holds, or that OCR reads), on top of the
+            task's weight. A phrase is a few tokens against its box's or
+            quad's dozens of coordinate digits, whose loss stays high (a
+            box's exact pixels are uncertain), so at 1 the digits carry
+            most of a grounding or OCR sample's gradient.
 
     A bad example raises a `readers.BadSampleError` naming it (its id,
     else its index in the source) when it is reached. To skip and count
@@ -431,6 +472,7 @@ class QwenVLDataLoader:
         num_workers=0,
         image_dir=None,
         task_loss_weights=None,
+        phrase_loss_weight=1.0,
     ):
         if batch_size < 1:
             raise ValueError(
@@ -496,6 +538,12 @@ class QwenVLDataLoader:
             raise ValueError(
                 f"`task_loss_weights` must be >= 0. Received: {negative}"
             )
+        if not phrase_loss_weight >= 0:
+            raise ValueError(
+                "`phrase_loss_weight` must be >= 0. Received: "
+                f"{phrase_loss_weight}"
+            )
+        self.phrase_loss_weight = float(phrase_loss_weight)
         self.num_loss_positions = getattr(
             preprocessor, "num_loss_positions", None
         )
@@ -547,6 +595,7 @@ class QwenVLDataLoader:
                 self.max_images,
                 self.image_dir,
                 self.task_loss_weights,
+                self.phrase_loss_weight,
             )
         )
         if self.pack:

@@ -108,6 +108,14 @@ class Settings:
     task_loss_weights: dict = dataclasses.field(
         default_factory=lambda: {"caption": 2.0}
     )
+    # A factor on the loss weight of the words inside `<ref>...</ref>`
+    # (`QwenVLDataLoader(phrase_loss_weight=...)`): an OCR sample's words
+    # are 2% of its target tokens and carried 6% of its loss, its quads'
+    # digits (uncertain to a pixel) the rest. At 1 the decoder learned to
+    # read only at a threshold of OCR's share of the loss, and a change
+    # of float rounding moved OCR from 0.63 to 0.44; at 5 it reads 0.9
+    # (docs/main_job.md, "Reading at its threshold").
+    phrase_loss_weight: float = 5.0
     # Each stage's task mixture, {stage: {task: parts}} (the probe batch
     # is drawn from stage 2's); `keras_qwenvl.data.synthetic.STAGE_TASKS`
     # by default.
@@ -363,6 +371,7 @@ def stage_loader(model, settings, stage, steps):
         repeat=True,
         seed=settings.seed,
         task_loss_weights=settings.task_loss_weights,
+        phrase_loss_weight=settings.phrase_loss_weight,
     )
 
 
