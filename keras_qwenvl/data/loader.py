@@ -223,11 +223,12 @@ class _Preprocess:
         self.image_dir = image_dir
         self.task_loss_weights = task_loss_weights or {}
         self.phrase_loss_weight = phrase_loss_weight
-        tokenizer = preprocessor.tokenizer
-        self.ref_ids = (
-            tokenizer.token_to_id("<ref>"),
-            tokenizer.token_to_id("</ref>"),
-        )
+        if phrase_loss_weight != 1.0:
+            tokenizer = preprocessor.tokenizer
+            self.ref_ids = (
+                tokenizer.token_to_id("<ref>"),
+                tokenizer.token_to_id("</ref>"),
+            )
 
     def __call__(self, item):
         index, example = item

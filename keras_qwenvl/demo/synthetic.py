@@ -114,7 +114,7 @@ class Settings:
     # digits (uncertain to a pixel) the rest. At 1 the decoder learned to
     # read only at a threshold of OCR's share of the loss, and a change
     # of float rounding moved OCR from 0.63 to 0.44; at 5 it reads 0.9
-    # (docs/main_job.md, "Reading at its threshold").
+    # (docs/main_job.md, "Reading: the words' share of the loss").
     phrase_loss_weight: float = 5.0
     # Each stage's task mixture, {stage: {task: parts}} (the probe batch
     # is drawn from stage 2's); `keras_qwenvl.data.synthetic.STAGE_TASKS`
