@@ -238,13 +238,12 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 num_heads=num_heads,
                 intermediate_dim=intermediate_dim,
                 layer_norm_epsilon=layer_norm_epsilon,
-                remat=remat,
                 name=f"vision_layer_{i}",
                 dtype=policy,
             )
             for i in range(num_layers)
         ]
-        self.remat = remat
+        self.remat = remat  # sets every block's `remat`
         self.adapter = QwenVLAdapter(
             output_dim=output_dim,
             num_queries=num_queries,
