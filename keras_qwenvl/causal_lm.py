@@ -114,7 +114,8 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
     ):
         """As keras-hub's `CausalLM.compile`, with `loss="auto"` meaning
         `QwenVLCrossEntropy()` (Keras' sparse cross-entropy from logits,
-        without its one-hot array of the vocabulary's size on JAX), and
+        without its one-hot array of the vocabulary's size on JAX; with
+        `remat=True` when the backbone rematerialises its blocks), and
         `weighted_metrics="auto"` the token accuracy, logged as
         "sparse_categorical_accuracy" as keras-hub logs it.
 
@@ -128,7 +129,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         `evaluate()` and `predict()` compute the logits as usual.
         """
         if isinstance(loss, str) and loss == "auto":
-            loss = QwenVLCrossEntropy()
+            loss = QwenVLCrossEntropy(remat=self.backbone.remat)
         accuracy = isinstance(weighted_metrics, str) and (
             weighted_metrics == "auto"
         )

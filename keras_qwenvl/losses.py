@@ -5,6 +5,7 @@ from keras import ops
 from keras.src.losses.loss import scale_loss_for_distribution
 
 from keras_qwenvl.ordering import after
+from keras_qwenvl.ordering import materialized
 
 # Reductions that `QwenVLCrossEntropy.from_hidden_states` reproduces.
 _FUSED_REDUCTIONS = ("sum", "sum_over_batch_size", "mean",
@@ -29,6 +30,15 @@ class QwenVLCrossEntropy(keras.losses.Loss):
     applies the lm_head and the loss together and computes their gradients
     in the same pass, `chunk_size` positions at a time (see there).
 
+    With `remat=True` `from_hidden_states` goes through the vocabulary
+    instead, `vocabulary_block_size` entries at a time and twice: once for
+    each position's log-sum-exp, label logit and argmax, once more for the
+    gradients. No (positions, vocabulary) array exists, only (positions,
+    block) ones, and the kernel's gradient is the one kernel-sized array;
+    the price is the lm_head's forward matmul a second time.
+    `QwenVLCausalLM.compile(loss="auto")` picks it for a backbone built
+    with `remat=True`.
+
     Args:
         chunk_size: positions per lm_head block in `from_hidden_states`.
             A block's logits and their gradient take 2 x chunk_size x
@@ -38,17 +48,28 @@ class QwenVLCrossEntropy(keras.losses.Loss):
             positions, JAX, a 2-core CPU) one block of 1,024 made the
             lm_head and loss's forward and backward 29% faster than the
             logits' autodiff, blocks of 512 15% and of 256 8%.
+            Unused with `remat=True`.
+        remat: compute the logits twice, a vocabulary block at a time
+            (above), in `from_hidden_states`.
+        vocabulary_block_size: vocabulary entries per block with
+            `remat=True`.
     """
 
     def __init__(self, name="qwen_vl_cross_entropy", chunk_size=1024,
-                 **kwargs):
+                 remat=False, vocabulary_block_size=8192, **kwargs):
         super().__init__(name=name, **kwargs)
-        if not (isinstance(chunk_size, int) and chunk_size > 0):
-            raise ValueError(
-                "`chunk_size` must be a positive int. "
-                f"Received: {chunk_size!r}"
-            )
+        for argument, value in (
+            ("chunk_size", chunk_size),
+            ("vocabulary_block_size", vocabulary_block_size),
+        ):
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(
+                    f"`{argument}` must be a positive int. "
+                    f"Received: {value!r}"
+                )
         self.chunk_size = chunk_size
+        self.remat = bool(remat)
+        self.vocabulary_block_size = vocabulary_block_size
 
     def call(self, y_true, y_pred):
         if keras.backend.backend() != "jax":
@@ -61,7 +82,12 @@ class QwenVLCrossEntropy(keras.losses.Loss):
         return ops.logsumexp(y_pred, axis=-1) - ops.squeeze(picked, -1)
 
     def get_config(self):
-        return {**super().get_config(), "chunk_size": self.chunk_size}
+        return {
+            **super().get_config(),
+            "chunk_size": self.chunk_size,
+            "remat": self.remat,
+            "vocabulary_block_size": self.vocabulary_block_size,
+        }
 
     @property
     def fusable(self):
@@ -112,10 +138,16 @@ class QwenVLCrossEntropy(keras.losses.Loss):
         else:
             weights = ops.reshape(ops.cast(sample_weight, dtype), (-1,))
         kernel = ops.cast(kernel, hidden_states.dtype)
-        sums = _lm_head_cross_entropy(
-            hidden_states, kernel, labels, weights, self.chunk_size, dtype,
-            kernel_gradient,
-        )
+        if self.remat:
+            sums = _lm_head_cross_entropy_by_vocabulary(
+                hidden_states, kernel, labels, weights,
+                self.vocabulary_block_size, dtype, kernel_gradient,
+            )
+        else:
+            sums = _lm_head_cross_entropy(
+                hidden_states, kernel, labels, weights, self.chunk_size,
+                dtype, kernel_gradient,
+            )
         total = sums[0]
         if self.reduction == "sum":
             loss = total
@@ -203,7 +235,10 @@ def _lm_head_cross_entropy(
             )
             if kernel_gradient:
                 grad_kernel = grad_kernel + ops.cast(
-                    ops.matmul(ops.transpose(hidden_block), grad_logits),
+                    ops.matmul(
+                        materialized(ops.transpose(hidden_block)),
+                        grad_logits,
+                    ),
                     "float32",
                 )
             return sums + block_sums, grad_hidden, grad_kernel
@@ -239,3 +274,142 @@ def _lm_head_cross_entropy(
 
     sums = ops.custom_gradient(forward)(hidden_states, kernel)
     return sums
+
+
+def _lm_head_cross_entropy_by_vocabulary(
+    hidden_states, kernel, labels, weights, block_size, dtype,
+    kernel_gradient,
+):
+    """As `_lm_head_cross_entropy`, going through the vocabulary in blocks
+    of `block_size` entries, twice: the first pass keeps a running
+    log-sum-exp, the label's logit and the argmax of every position; the
+    second recomputes each block's logits for its gradients."""
+    hidden_size = ops.shape(hidden_states)[-1]
+    vocabulary = ops.shape(kernel)[-1]
+    block_size = min(block_size, vocabulary)
+    full_blocks, rest = divmod(vocabulary, block_size)
+    compute_dtype = hidden_states.dtype
+
+    def over_vocabulary(visit, carry):
+        """`visit(start, size, carry)` for every block, in order: the
+        equal blocks in a loop, then the rest."""
+        if full_blocks == 1:
+            carry = visit(0, block_size, carry)
+        else:
+            carry = ops.fori_loop(
+                0,
+                full_blocks,
+                lambda index, carry: visit(
+                    index * block_size, block_size, carry
+                ),
+                carry,
+            )
+        if rest:
+            carry = visit(full_blocks * block_size, rest, carry)
+        return carry
+
+    def forward(hidden_states, kernel):
+        def kernel_block(kernel, start, size):
+            return ops.slice(kernel, (0, start), (hidden_size, size))
+
+        def block_logits(kernel_block):
+            return ops.cast(ops.matmul(hidden_states, kernel_block), dtype)
+
+        def statistics(start, size, carry):
+            top, total, picked, best, best_index = carry
+            logits = block_logits(kernel_block(kernel, start, size))
+            block_top = ops.max(logits, axis=-1)
+            new_top = ops.maximum(top, block_top)
+            total = total * ops.exp(top - new_top) + ops.sum(
+                ops.exp(logits - ops.expand_dims(new_top, -1)), axis=-1
+            )
+            local = labels - start
+            inside = ops.logical_and(local >= 0, local < size)
+            label_logit = ops.squeeze(
+                ops.take_along_axis(
+                    logits,
+                    ops.expand_dims(ops.clip(local, 0, size - 1), -1),
+                    axis=-1,
+                ),
+                -1,
+            )
+            picked = ops.where(inside, label_logit, picked)
+            # Strictly greater: the first maximum wins, as in argmax.
+            better = block_top > best
+            block_best = ops.cast(ops.argmax(logits, axis=-1), "int32")
+            best_index = ops.where(better, block_best + start, best_index)
+            best = ops.where(better, block_top, best)
+            return new_top, total, picked, best, best_index
+
+        lowest = ops.full_like(weights, float("-inf"))
+        top, total, picked, _, best_index = over_vocabulary(
+            statistics,
+            (
+                lowest,
+                ops.zeros_like(weights),
+                ops.zeros_like(weights),
+                lowest,
+                ops.zeros_like(labels),
+            ),
+        )
+        log_total = top + ops.log(total)
+        correct = ops.cast(ops.equal(best_index, labels), dtype)
+        sums = ops.stack(
+            [ops.sum(weights * (log_total - picked)),
+             ops.sum(weights * correct)]
+        )
+        # A plain matmul for the kernel's gradient (see `materialized`).
+        hidden_t = materialized(ops.transpose(hidden_states))
+
+        def gradients(start, size, carry):
+            grad_hidden, grad_kernel = carry
+            block = kernel_block(kernel, start, size)
+            logits = block_logits(block)
+            is_label = ops.equal(
+                ops.expand_dims(labels - start, -1),
+                ops.arange(size, dtype="int32"),
+            )
+            # d(sum w * loss) / d logits = w * (softmax - one_hot(label))
+            grad_logits = ops.cast(
+                ops.expand_dims(weights, -1)
+                * (
+                    ops.exp(logits - ops.expand_dims(log_total, -1))
+                    - ops.cast(is_label, dtype)
+                ),
+                compute_dtype,
+            )
+            grad_hidden = grad_hidden + ops.cast(
+                ops.matmul(grad_logits, ops.transpose(block)), "float32"
+            )
+            if kernel_gradient:
+                grad_kernel = ops.slice_update(
+                    grad_kernel,
+                    (0, start),
+                    ops.cast(ops.matmul(hidden_t, grad_logits), "float32"),
+                )
+            return grad_hidden, grad_kernel
+
+        grad_hidden, grad_kernel = over_vocabulary(
+            gradients,
+            (
+                ops.zeros_like(hidden_states, "float32"),
+                ops.zeros((hidden_size, vocabulary) if kernel_gradient
+                          else (), "float32"),
+            ),
+        )
+
+        def gradient(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            scale = upstream[0]
+            grad_h = ops.cast(grad_hidden * ops.cast(scale, "float32"),
+                              compute_dtype)
+            grad_w = None
+            if kernel_gradient:
+                grad_w = ops.cast(grad_kernel * ops.cast(scale, "float32"),
+                                  kernel.dtype)
+            return grad_h, grad_w
+
+        return sums, gradient
+
+    return ops.custom_gradient(forward)(hidden_states, kernel)

@@ -1,5 +1,6 @@
 """Ordering work inside a compiled step by data alone."""
 
+import keras
 from keras import ops
 
 
@@ -12,3 +13,20 @@ def after(tensor, dependency):
     from being made earlier than needed."""
     entry = ops.reshape(dependency, (-1,))[0]
     return tensor + ops.cast(entry, tensor.dtype) * 0
+
+
+def materialized(tensor):
+    """`tensor` as an array of its own inside a compiled JAX step.
+
+    XLA folds a transpose into the matmul that reads it. On the CPU a
+    matmul that contracts its left operand's first axis then runs outside
+    XLA's fused matmul kernels, which costs a buffer the size of its output
+    outside the step's planned temporaries (311 MB for the lm_head kernel's
+    gradient at Qwen's vocabulary and width 512). Behind an optimization
+    barrier the transposed operand is computed once, and the matmul is a
+    plain one. The identity on PyTorch and TensorFlow."""
+    if keras.backend.backend() != "jax":
+        return tensor
+    import jax
+
+    return jax.lax.optimization_barrier(tensor)

@@ -28,10 +28,18 @@ def hidden_batch(seed=0, shape=(3, 5), hidden=16, vocabulary=37):
 @pytest.mark.parametrize(
     "reduction", ["sum", "sum_over_batch_size", "mean_with_sample_weight"]
 )
-@pytest.mark.parametrize("chunk_size", [4, 256])  # 15 positions: 4 blocks, 1
-def test_from_hidden_states_equals_the_loss_on_logits(reduction, chunk_size):
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"chunk_size": 4},  # 15 positions: 4 blocks
+        {"chunk_size": 256},  # 1 block
+        {"remat": True, "vocabulary_block_size": 8},  # 37: 4 blocks + 5
+        {"remat": True, "vocabulary_block_size": 64},  # 1 block
+    ],
+)
+def test_from_hidden_states_equals_the_loss_on_logits(reduction, arguments):
     h, kernel, labels, weights = hidden_batch()
-    loss = QwenVLCrossEntropy(reduction=reduction, chunk_size=chunk_size)
+    loss = QwenVLCrossEntropy(reduction=reduction, **arguments)
     logits = h @ kernel
     for sample_weight in (None, weights):
         value, correct, total = loss.from_hidden_states(
@@ -52,10 +60,20 @@ def test_no_fused_reduction_and_bad_chunk_size_are_refused():
         QwenVLCrossEntropy(reduction=None).from_hidden_states(labels, h, kernel)
     with pytest.raises(ValueError, match="`chunk_size` must be a positive"):
         QwenVLCrossEntropy(chunk_size=0)
+    with pytest.raises(
+        ValueError, match="`vocabulary_block_size` must be a positive"
+    ):
+        QwenVLCrossEntropy(remat=True, vocabulary_block_size=2.5)
     restored = keras.losses.deserialize(
-        keras.losses.serialize(QwenVLCrossEntropy(chunk_size=64))
+        keras.losses.serialize(
+            QwenVLCrossEntropy(
+                chunk_size=64, remat=True, vocabulary_block_size=100
+            )
+        )
     )
     assert restored.chunk_size == 64
+    assert restored.remat is True
+    assert restored.vocabulary_block_size == 100
 
 
 class Spy:
@@ -75,13 +93,15 @@ class Spy:
         monkeypatch.setattr(QwenVLCrossEntropy, "from_hidden_states", spy)
 
 
-def train_one_step(fused, batch, freeze_head=False, dtype=None, tied=False):
+def train_one_step(
+    fused, batch, freeze_head=False, dtype=None, tied=False, loss="auto"
+):
     backbone = tiny_backbone(dtype=dtype, tie_word_embeddings=tied)
     model = QwenVLCausalLM(backbone)  # seeded weights
     if freeze_head:
         model.backbone.token_embedding.trainable = False
     if fused:  # the defaults: the lm_head goes inside the loss
-        model.compile(optimizer=keras.optimizers.SGD(0.5))
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss)
     else:  # an explicit metric needs the logits
         model.compile(
             optimizer=keras.optimizers.SGD(0.5),
@@ -102,8 +122,15 @@ def assert_same_step(after, other_after, rtol):
     assert moved > len(initial) // 2
 
 
-@pytest.mark.parametrize("selected", [False, True])
-def test_fit_step_equals_the_step_on_logits(selected, monkeypatch):
+# `tiny_backbone`'s 300 entries in blocks of 64: 4 in a loop, then 44.
+REMAT_LOSS = QwenVLCrossEntropy(remat=True, vocabulary_block_size=64)
+
+
+@pytest.mark.parametrize(
+    "selected, loss",
+    [(False, "auto"), (True, "auto"), (True, REMAT_LOSS)],
+)
+def test_fit_step_equals_the_step_on_logits(selected, loss, monkeypatch):
     x, y, weights = multimodal_batch(seed=1)
     batch = (x, y, weights)
     if selected:
@@ -111,7 +138,7 @@ def test_fit_step_equals_the_step_on_logits(selected, monkeypatch):
     spy = Spy(monkeypatch)
     _, logs, after = train_one_step(False, batch)
     assert spy.kernel_gradients == []
-    _, fused_logs, fused_after = train_one_step(True, batch)
+    _, fused_logs, fused_after = train_one_step(True, batch, loss=loss)
     assert spy.kernel_gradients and all(spy.kernel_gradients)
     assert set(fused_logs) == set(logs) == {
         "loss", "sparse_categorical_accuracy"
@@ -123,11 +150,14 @@ def test_fit_step_equals_the_step_on_logits(selected, monkeypatch):
     assert_same_step(after, fused_after, rtol=1e-4)
 
 
-def test_frozen_lm_head_skips_its_gradient(monkeypatch):
+@pytest.mark.parametrize("loss", ["auto", REMAT_LOSS])
+def test_frozen_lm_head_skips_its_gradient(loss, monkeypatch):
     batch = select_loss_positions(*multimodal_batch(seed=2), 8)
     spy = Spy(monkeypatch)
     model, logs, after = train_one_step(False, batch, freeze_head=True)
-    _, fused_logs, fused_after = train_one_step(True, batch, freeze_head=True)
+    _, fused_logs, fused_after = train_one_step(
+        True, batch, freeze_head=True, loss=loss
+    )
     assert spy.kernel_gradients and not any(spy.kernel_gradients)
     assert fused_logs["loss"] == pytest.approx(logs["loss"], rel=1e-5)
     for a, b in zip(after, fused_after):
@@ -139,12 +169,15 @@ def test_frozen_lm_head_skips_its_gradient(monkeypatch):
     )
 
 
-def test_tied_embeddings_fused_step(monkeypatch):
+@pytest.mark.parametrize("loss", ["auto", REMAT_LOSS])
+def test_tied_embeddings_fused_step(loss, monkeypatch):
     """A tied lm_head (the embedding's transpose) gets both gradients."""
     batch = select_loss_positions(*multimodal_batch(seed=5), 8)
     spy = Spy(monkeypatch)
     _, logs, after = train_one_step(False, batch, tied=True)
-    _, fused_logs, fused_after = train_one_step(True, batch, tied=True)
+    _, fused_logs, fused_after = train_one_step(
+        True, batch, tied=True, loss=loss
+    )
     assert spy.kernel_gradients and all(spy.kernel_gradients)
     assert fused_logs["loss"] == pytest.approx(logs["loss"], rel=1e-5)
     for a, b in zip(after, fused_after):
@@ -167,12 +200,13 @@ def test_evaluate_and_fit_after_the_fused_step():
     assert logs["loss"] == pytest.approx(float(to_np(expected)), rel=1e-5)
 
 
-def test_bfloat16_fused_step_trains(monkeypatch):
+@pytest.mark.parametrize("loss", ["auto", REMAT_LOSS])
+def test_bfloat16_fused_step_trains(loss, monkeypatch):
     batch = select_loss_positions(*multimodal_batch(seed=4), 8)
     spy = Spy(monkeypatch)
     _, logs, after = train_one_step(False, batch, dtype="mixed_bfloat16")
     _, fused_logs, fused_after = train_one_step(
-        True, batch, dtype="mixed_bfloat16"
+        True, batch, dtype="mixed_bfloat16", loss=loss
     )
     assert spy.kernel_gradients
     assert np.isfinite(fused_logs["loss"])
@@ -220,6 +254,45 @@ def test_blocks_bound_the_gradients_memory():
 
 @pytest.mark.skipif(
     keras.backend.backend() != "jax",
+    reason="XLA's memory analysis of the compiled gradient (JAX)",
+)
+def test_vocabulary_blocks_keep_no_logits_sized_array():
+    """With `remat=True` the gradient's temporary memory is a few
+    (positions, block) arrays; the one-block path holds the logits."""
+    import jax
+
+    h, kernel, labels, weights = hidden_batch(
+        shape=(2, 256), hidden=32, vocabulary=4096
+    )
+
+    def temp_bytes(loss):
+        def value(h, k):
+            return loss.from_hidden_states(labels, h, k, weights)[0]
+
+        compiled = jax.jit(jax.grad(value, argnums=(0, 1))).lower(h, kernel)
+        return compiled.compile().memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 512 * 4096 * 4
+    one_block = temp_bytes(QwenVLCrossEntropy())
+    by_vocabulary = temp_bytes(
+        QwenVLCrossEntropy(remat=True, vocabulary_block_size=256)
+    )
+    assert one_block >= logits_bytes, one_block
+    # Blocks of 256 are 1/16 of the logits.
+    assert by_vocabulary < logits_bytes / 4, by_vocabulary
+
+
+def test_remat_backbone_compiles_the_remat_loss():
+    model = QwenVLCausalLM(tiny_backbone(remat=True))
+    model.compile()
+    assert isinstance(model.loss, QwenVLCrossEntropy) and model.loss.remat
+    model = QwenVLCausalLM(tiny_backbone())
+    model.compile()
+    assert not model.loss.remat
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
     reason="XLA's compiled training step (JAX)",
 )
 def test_training_step_keeps_no_copy_of_the_lm_head():
@@ -247,3 +320,37 @@ def test_training_step_keeps_no_copy_of_the_lm_head():
         if " copy(" in line and "f32[32,4096]" in line.split(" copy(")[0]
     ]
     assert not copies, copies
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="XLA's compiled training step (JAX)",
+)
+@pytest.mark.parametrize("remat", [False, True])
+def test_kernel_gradient_is_a_plain_matmul(remat):
+    """The kernel's gradient, hidden^T @ grad_logits, reaches XLA as a
+    matmul that contracts its left operand's last axis: one contracting
+    the first runs outside XLA's fused CPU matmuls, with an output-sized
+    buffer of its own (`ordering.materialized`)."""
+    import jax
+
+    h, kernel, labels, weights = hidden_batch(
+        shape=(2, 64), hidden=32, vocabulary=4096
+    )
+    loss = QwenVLCrossEntropy(remat=remat, vocabulary_block_size=1024)
+
+    def gradient(h, k):  # `h` an input: XLA does not fold its transpose
+        return jax.grad(
+            lambda h, k: loss.from_hidden_states(labels, h, k, weights)[0],
+            argnums=(0, 1),
+        )(h, k)
+
+    hlo = jax.jit(gradient).lower(h, kernel).compile().as_text()
+    shape = "f32[32,4096]" if not remat else "f32[32,1024]"
+    dots = [
+        line for line in hlo.splitlines()
+        if " dot(" in line and shape in line.split(" dot(")[0]
+    ]
+    assert dots
+    for line in dots:
+        assert "lhs_contracting_dims={1}" in line, line
