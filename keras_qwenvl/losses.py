@@ -52,7 +52,10 @@ class QwenVLCrossEntropy(keras.losses.Loss):
         remat: compute the logits twice, a vocabulary block at a time
             (above), in `from_hidden_states`.
         vocabulary_block_size: vocabulary entries per block with
-            `remat=True`.
+            `remat=True`; a few (positions, block) float arrays live at a
+            time. In the "small" benchmark's remat training step (512
+            positions with loss, JAX) blocks of 8,192 left XLA 0.48 GB of
+            temporaries against 0.74 GB in one block of positions.
     """
 
     def __init__(self, name="qwen_vl_cross_entropy", chunk_size=1024,
