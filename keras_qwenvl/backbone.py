@@ -126,8 +126,8 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
         remat: rematerialise each decoder block in training (its
             activations are recomputed in the backward pass instead of
             kept), which trades compute for memory on long sequences.
-            `QwenVLCausalLM.compile(loss="auto")` then recomputes the
-            lm_head's logits in the loss as well
+            On JAX `QwenVLCausalLM.compile(loss="auto")` then recomputes
+            the lm_head's logits in the loss as well
             (`QwenVLCrossEntropy(remat=True)`).
         dtype: dtype policy of the model's computations and weights.
     """

@@ -114,8 +114,9 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
     ):
         """As keras-hub's `CausalLM.compile`, with `loss="auto"` meaning
         `QwenVLCrossEntropy()` (Keras' sparse cross-entropy from logits,
-        without its one-hot array of the vocabulary's size on JAX; with
-        `remat=True` when the backbone rematerialises its blocks), and
+        without its one-hot array of the vocabulary's size on JAX; on JAX
+        with `remat=True` when the backbone rematerialises its blocks),
+        and
         `weighted_metrics="auto"` the token accuracy, logged as
         "sparse_categorical_accuracy" as keras-hub logs it.
 
@@ -129,7 +130,12 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         `evaluate()` and `predict()` compute the logits as usual.
         """
         if isinstance(loss, str) and loss == "auto":
-            loss = QwenVLCrossEntropy(remat=self.backbone.remat)
+            # Measured slower on PyTorch and larger on TensorFlow: see
+            # `QwenVLCrossEntropy`.
+            loss = QwenVLCrossEntropy(
+                remat=self.backbone.remat
+                and keras.backend.backend() == "jax"
+            )
         accuracy = isinstance(weighted_metrics, str) and (
             weighted_metrics == "auto"
         )
