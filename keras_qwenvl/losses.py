@@ -265,22 +265,34 @@ def _lm_head_cross_entropy(
             # The input gradient reads the kernel that the optimizer then
             # updates in place: ordered first, XLA keeps no kernel copy.
             grad_kernel = after(grad_kernel, grad_hidden)
-
-        def gradient(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            scale = upstream[0]
-            grad_h = grad_hidden * ops.cast(scale, compute_dtype)
-            grad_w = None
-            if kernel_gradient:
-                grad_w = ops.cast(grad_kernel * ops.cast(scale, "float32"),
-                                  kernel.dtype)
-            return grad_h, grad_w
-
-        return sums, gradient
+        return sums, _scaled_gradients(
+            grad_hidden, grad_kernel if kernel_gradient else None,
+            compute_dtype, kernel.dtype,
+        )
 
     sums = ops.custom_gradient(forward)(hidden_states, kernel)
     return sums
+
+
+def _scaled_gradients(grad_hidden, grad_kernel, hidden_dtype, kernel_dtype):
+    """The `custom_gradient` function of the loss sums: the gradients of
+    their first entry, computed in the forward pass, times the upstream
+    gradient (`grad_kernel` None where the kernel is frozen)."""
+
+    def gradient(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        scale = upstream[0]
+        grad_h = ops.cast(
+            grad_hidden * ops.cast(scale, grad_hidden.dtype), hidden_dtype
+        )
+        grad_w = None
+        if grad_kernel is not None:
+            grad_w = ops.cast(grad_kernel * ops.cast(scale, "float32"),
+                              kernel_dtype)
+        return grad_h, grad_w
+
+    return gradient
 
 
 def _lm_head_cross_entropy_by_vocabulary(
@@ -404,19 +416,9 @@ def _lm_head_cross_entropy_by_vocabulary(
                           else (), "float32"),
             ),
         )
-
-        def gradient(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            scale = upstream[0]
-            grad_h = ops.cast(grad_hidden * ops.cast(scale, "float32"),
-                              compute_dtype)
-            grad_w = None
-            if kernel_gradient:
-                grad_w = ops.cast(grad_kernel * ops.cast(scale, "float32"),
-                                  kernel.dtype)
-            return grad_h, grad_w
-
-        return sums, gradient
+        return sums, _scaled_gradients(
+            grad_hidden, grad_kernel if kernel_gradient else None,
+            compute_dtype, kernel.dtype,
+        )
 
     return ops.custom_gradient(forward)(hidden_states, kernel)
