@@ -377,8 +377,9 @@ def _lm_head_cross_entropy_by_vocabulary(
             [ops.sum(weights * (log_total - picked)),
              ops.sum(weights * correct)]
         )
-        # A plain matmul for the kernel's gradient (see `materialized`).
-        hidden_t = materialized(ops.transpose(hidden_states))
+        if kernel_gradient:
+            # A plain matmul for the kernel's gradient (`materialized`).
+            hidden_t = materialized(ops.transpose(hidden_states))
 
         def gradients(start, size, carry):
             grad_hidden, grad_kernel = carry

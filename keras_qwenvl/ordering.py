@@ -1,4 +1,5 @@
-"""Ordering work inside a compiled step by data alone."""
+"""Steering XLA inside a compiled step: what runs when, by data alone
+(`after`), and which operand is an array of its own (`materialized`)."""
 
 import keras
 from keras import ops
