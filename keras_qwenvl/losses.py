@@ -40,8 +40,7 @@ class QwenVLCrossEntropy(keras.losses.Loss):
     built with `remat=True`. It runs on every backend, but at the "small"
     benchmark's sizes it made PyTorch's remat training step 35% slower for
     0.36 GB less peak memory, and TensorFlow's 12% slower and 0.78 GB
-    larger (its loop keeps each block's arrays), so "auto" leaves it off
-    there.
+    larger, so "auto" leaves it off there.
 
     Args:
         chunk_size: positions per lm_head block in `from_hidden_states`.
