@@ -276,8 +276,9 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         """Forward `token_ids` (b, t) placed at `cache_update_index`.
 
         Args:
-            cache: tuple over layers of (key, value), each
-                (b, max_length, num_heads, head_dim).
+            cache: tuple over layers of (key, value): keys
+                (b * num_heads, head_dim, max_length), values
+                (b * num_heads, max_length, head_dim).
             cache_update_index: absolute position of `token_ids[:, 0]`.
             prompt_lengths: (b,) prompt lengths; they fix the dynamic-NTK
                 factor for the whole generation.
@@ -336,11 +337,11 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         """
         backbone = self.backbone
         batch, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        shape = (batch, max_length, backbone.num_heads, backbone.head_dim)
+        rows, head_dim = batch * backbone.num_heads, backbone.head_dim
         cache = tuple(
             (
-                ops.zeros(shape, dtype=self.compute_dtype),
-                ops.zeros(shape, dtype=self.compute_dtype),
+                ops.zeros((rows, head_dim, max_length), self.compute_dtype),
+                ops.zeros((rows, max_length, head_dim), self.compute_dtype),
             )
             for _ in range(backbone.num_layers)
         )

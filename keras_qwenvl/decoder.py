@@ -92,7 +92,7 @@ def attention_inputs(x, padding_mask, prompt_lengths, cache, start):
     the one-segment case.
     """
     batch, length = ops.shape(x)[0], ops.shape(x)[1]
-    key_length = length if cache is None else ops.shape(cache[0])[1]
+    key_length = length if cache is None else ops.shape(cache[1])[1]
     index = ops.broadcast_to(
         start + ops.arange(length, dtype="int32")[None], (batch, length)
     )
@@ -113,6 +113,49 @@ def attention_inputs(x, padding_mask, prompt_lengths, cache, start):
     if prompt_lengths is None:
         prompt_lengths = ops.full((batch,), length, dtype="int32")
     return positions, prompt_lengths, mask
+
+
+def update_cache(cache, key, value, index, update_mask=None):
+    """Write a call's keys and values, each (b, t, heads, head_dim), into a
+    layer's cache at position `index`; where `update_mask` (b, t) is False
+    the cache keeps its entries.
+
+    The cache holds keys as (b * heads, head_dim, max_length) and values as
+    (b * heads, max_length, head_dim): the attention's two products read
+    them as they are, with one batch axis. Kept as (b, max_length, heads,
+    head_dim), XLA's CPU compiler copied every layer's keys and values into
+    those layouts at every decoding step (a sixth of a "small" batch-1
+    step); kept 4-D with batch and heads apart, it updated each of them
+    twice per step, once for the loop and once for the product, each
+    update in a copy of its own.
+    """
+    batch, length, heads, head_dim = ops.shape(key)
+    key = ops.reshape(
+        ops.transpose(key, (0, 2, 3, 1)), (batch * heads, head_dim, length)
+    )
+    value = ops.reshape(
+        ops.transpose(value, (0, 2, 1, 3)), (batch * heads, length, head_dim)
+    )
+    key_start, value_start = [0, 0, index], [0, index, 0]
+    if update_mask is not None:
+        update = ops.reshape(
+            ops.broadcast_to(update_mask[:, None, :], (batch, heads, length)),
+            (batch * heads, length),
+        )
+        key = ops.where(
+            update[:, None, :],
+            key,
+            ops.slice(cache[0], key_start, ops.shape(key)),
+        )
+        value = ops.where(
+            update[:, :, None],
+            value,
+            ops.slice(cache[1], value_start, ops.shape(value)),
+        )
+    return (
+        ops.slice_update(cache[0], key_start, key),
+        ops.slice_update(cache[1], value_start, value),
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_qwenvl")
@@ -220,7 +263,8 @@ class QwenVLAttention(keras.layers.Layer):
                 default the padding mask's count); it sets the dynamic-NTK
                 factor at inference (the reference fixes it on the pass that
                 has no cache and reuses it while decoding).
-            cache: optional (key, value), each (b, s, heads, head_dim).
+            cache: optional (key, value): keys (b * heads, head_dim, s),
+                values (b * heads, s, head_dim) (see `update_cache`).
             cache_update_index: absolute position of `x[:, 0]`, where this
                 call's keys go in the cache.
             cache_update_mask: optional (b, t) bool; where False the cache
@@ -239,16 +283,9 @@ class QwenVLAttention(keras.layers.Layer):
         key = self._rotate(self.key(x), positions, ntk_index)
         value = self.value(x)
         if cache is not None:
-            start = [0, cache_update_index, 0, 0]
-            if cache_update_mask is not None:
-                update = cache_update_mask[:, :, None, None]
-                old = [
-                    ops.slice(c, start, ops.shape(key)) for c in cache
-                ]
-                key = ops.where(update, key, old[0])
-                value = ops.where(update, value, old[1])
-            key = ops.slice_update(cache[0], start, key)
-            value = ops.slice_update(cache[1], start, value)
+            key, value = update_cache(
+                cache, key, value, cache_update_index, cache_update_mask
+            )
             cache = (key, value)
         if self.use_logn_attn and not training:
             # Query at 1-based position p is scaled by log_{seq_length}(p)
@@ -260,21 +297,40 @@ class QwenVLAttention(keras.layers.Layer):
                 ops.ones_like(p),
             )
             query = query * ops.cast(logn[:, :, None, None], query.dtype)
-        out = self._attend(query, key, value, attention_mask, training)
+        cached = cache is not None
+        out = self._attend(query, key, value, attention_mask, training, cached)
         out = self.attention_output(out)
         if cache is not None:
             return out, cache
         return out
 
-    def _attend(self, query, key, value, mask, training):
+    def _attend(self, query, key, value, mask, training, cached=False):
+        """Attention of `query` (b, t, n, h) over keys and values that are
+        (b, s, n, h), or in the cache's layouts when `cached`."""
         scale = 1.0 / math.sqrt(self.head_dim)
-        scores = ops.einsum("btnh,bsnh->bnts", query, key)
+        batch, length = ops.shape(query)[0], ops.shape(query)[1]
+        heads, head_dim = self.num_heads, self.head_dim
+        if cached:
+            query = ops.reshape(
+                ops.transpose(query, (0, 2, 1, 3)),
+                (batch * heads, length, head_dim),
+            )
+            scores = ops.matmul(query, key)
+            scores = ops.reshape(scores, (batch, heads, length, -1))
+        else:
+            scores = ops.einsum("btnh,bsnh->bnts", query, key)
         scores = ops.cast(scores, "float32") * scale
         mask = mask[:, None, :, :]
         scores = ops.where(mask, scores, ops.full_like(scores, -1e30))
         probs = attention_softmax(scores)
         probs = ops.cast(probs, value.dtype)
         probs = self.dropout_layer(probs, training=training)
+        if cached:
+            probs = ops.reshape(probs, (batch * heads, length, -1))
+            out = ops.reshape(
+                ops.matmul(probs, value), (batch, heads, length, head_dim)
+            )
+            return ops.transpose(out, (0, 2, 1, 3))
         return ops.einsum("bnts,bsnh->btnh", probs, value)
 
     def get_config(self):

@@ -423,9 +423,13 @@ def test_cached_steps_equal_full_forward():
     )
     # Grow the cache to the full length and decode the rest one by one.
     pad = ids.shape[1] - prompt
+    # Keys are (b * heads, head_dim, s), values (b * heads, s, head_dim).
     cache = tuple(
-        tuple(ops.pad(c, [[0, 0], [0, pad], [0, 0], [0, 0]]) for c in layer)
-        for layer in cache
+        (
+            ops.pad(key, [[0, 0], [0, 0], [0, pad]]),
+            ops.pad(value, [[0, 0], [0, pad], [0, 0]]),
+        )
+        for key, value in cache
     )
     for i in range(prompt, ids.shape[1]):
         logits, _, cache = lm.call_with_cache(
