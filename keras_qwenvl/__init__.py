@@ -23,6 +23,7 @@ from keras_qwenvl import evaluation
 from keras_qwenvl.image_converter import QwenVLImageConverter
 from keras_qwenvl.losses import QwenVLCrossEntropy
 from keras_qwenvl.presets import backbone_presets
+from keras_qwenvl.samplers import QwenVLGreedySampler
 from keras_qwenvl.tokenizer import QwenVLTokenizer
 from keras_qwenvl import training  # registers QwenVLAdamW for saved configs
 from keras_qwenvl import visualize
@@ -40,6 +41,7 @@ __all__ = [
     "QwenVLCausalLMPreprocessor",
     "QwenVLCrossEntropy",
     "QwenVLDecoderBlock",
+    "QwenVLGreedySampler",
     "QwenVLImageConverter",
     "QwenVLTokenizer",
     "QwenVLVisionEncoder",

@@ -11,6 +11,7 @@ import keras
 from keras import ops
 from keras_hub.src.utils.keras_utils import clone_initializer
 
+from keras_qwenvl.decoder import HEADS_TO_HIDDEN
 from keras_qwenvl.initializers import projection_initializer
 from keras_qwenvl.layer_norm import QwenVLLayerNorm
 from keras_qwenvl.position_tables import resize_position_table
@@ -63,7 +64,7 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
             layer.build(shape)
             setattr(self, name, layer)
         self.attention_output = keras.layers.EinsumDense(
-            "btnh,nhd->btd",
+            HEADS_TO_HIDDEN,
             output_shape=(None, hidden_dim),
             bias_axes="d",
             kernel_initializer=projection_initializer(

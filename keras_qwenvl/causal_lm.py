@@ -16,6 +16,7 @@ from keras_qwenvl.chat_format import find_image_tags
 from keras_qwenvl.data.loader import RawExamplesMixin
 from keras_qwenvl.losses import QwenVLCrossEntropy
 from keras_qwenvl.presets import QwenVLPresetMixin
+from keras_qwenvl.samplers import QwenVLGreedySampler
 
 try:
     import tensorflow as tf
@@ -116,9 +117,10 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         `QwenVLCrossEntropy()` (Keras' sparse cross-entropy from logits,
         without its one-hot array of the vocabulary's size on JAX; on JAX
         with `remat=True` when the backbone rematerialises its blocks),
-        and
         `weighted_metrics="auto"` the token accuracy, logged as
-        "sparse_categorical_accuracy" as keras-hub logs it.
+        "sparse_categorical_accuracy" as keras-hub logs it, and
+        `sampler="greedy"` a `QwenVLGreedySampler` (the same tokens as
+        keras-hub's, without a softmax over the vocabulary per step).
 
         With a `QwenVLCrossEntropy` loss of a reducing kind, no
         `loss_weights` and no metrics besides the automatic accuracy,
@@ -129,6 +131,8 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         and the accuracy are those of the logits (float32 rounding).
         `evaluate()` and `predict()` compute the logits as usual.
         """
+        if isinstance(sampler, str) and sampler == "greedy":
+            sampler = QwenVLGreedySampler()
         if isinstance(loss, str) and loss == "auto":
             # Measured slower on PyTorch and larger on TensorFlow: see
             # `QwenVLCrossEntropy`.

@@ -49,6 +49,14 @@ class QwenVLRMSNorm(keras.layers.Layer):
         return config
 
 
+# The output projection (b, t, heads, head_dim) x (heads, head_dim, hidden).
+# JAX's einsum contracts the summed letters in alphabetical order: with
+# heads before head_dim in the alphabet too ("h" < "k") the product reads
+# both operands as they are laid out. Spelt "btnh,nhd->btd", XLA's CPU
+# compiler copied the kernel transposed at every call (every decoding step).
+HEADS_TO_HIDDEN = "bthk,hkd->btd"
+
+
 def ntk_alpha_index(lengths, seq_length):
     """Index k of the dynamic-NTK factor alpha = 2**k - 1 for prompt lengths.
 
@@ -213,7 +221,7 @@ class QwenVLAttention(keras.layers.Layer):
             layer.build(input_shape)
             setattr(self, name, layer)
         self.attention_output = keras.layers.EinsumDense(
-            "btnh,nhd->btd",
+            HEADS_TO_HIDDEN,
             output_shape=(None, hidden_dim),
             kernel_initializer=projection_initializer(
                 self.kernel_initializer, heads_width, hidden_dim

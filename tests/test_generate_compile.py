@@ -14,6 +14,7 @@ import pytest
 from keras import ops
 
 from keras_qwenvl import QwenVLCausalLM
+from tests.test_model import tiny_backbone
 from tests.test_model import tiny_causal_lm
 
 MAX_LENGTH = 40
@@ -98,3 +99,67 @@ def test_text_batches_of_other_lengths_do_not_retrace(causal_lm, monkeypatch):
         assert np.asarray(out["padding_mask"]).all()
     assert len(seen) == (3 if EAGER else 1)
     assert all(shapes == seen[0] for shapes in seen)
+
+
+# === What the compiled decoding loop copies (JAX) ===
+
+
+def decoding_loop_copies(causal_lm, inputs):
+    """Shapes of the arrays that the body of the compiled generation's
+    decoding loop copies or transposes (on their own or inside a fusion),
+    weights passed as arguments as keras-hub's JAX generate function
+    passes them."""
+    import re
+
+    import jax
+
+    variables = (
+        causal_lm.trainable_variables + causal_lm.non_trainable_variables
+    )
+
+    def generate(values, inputs):
+        mapping = list(zip(variables, values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return causal_lm.generate_step(inputs)["token_ids"]
+
+    values = [v.value for v in variables]
+    text = jax.jit(generate).lower(values, inputs).compile().as_text()
+
+    def computation(name):
+        body = text[text.index(f"\n%{name} ") :]
+        return body[: body.index("\n}\n")]
+
+    def moves(body):
+        return re.search(r"\} (copy|transpose)\(", body) is not None
+
+    bodies = re.findall(r"body=%([\w.\-]+)", text)
+    assert len(bodies) == 1, bodies
+    shapes = []
+    for line in computation(bodies[0]).splitlines():
+        shape = re.search(r"= (\w+\[[\d,]*\])", line)
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if moves(line) or (called and moves(computation(called.group(1)))):
+            shapes.append(shape.group(1))
+    return shapes
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="inspects XLA's compiled loop"
+)
+def test_decoding_loop_copies_neither_cache_nor_kernels():
+    """A decoding step reads each layer's cache and kernels where they lie.
+
+    Kept as (b, s, heads, head_dim), the keys and values were copied into
+    the attention's layouts at every step; kept 4-D with heads first, each
+    was updated twice in copies of its own; an output projection spelt
+    "btnh,nhd->btd" copied its kernel transposed. Only scalars may be
+    copied (the loop's counters)."""
+    backbone = tiny_backbone(vision=False, hidden_dim=64, num_heads=4)
+    causal_lm = QwenVLCausalLM(backbone)
+    causal_lm.compile(sampler="greedy")
+    ids = np.zeros((2, 24), "int32")
+    ids[:, :5] = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]]
+    mask = (np.arange(24)[None] < np.array([[5], [3]])).astype("int32")
+    inputs = {"token_ids": ids, "padding_mask": mask}
+    copies = decoding_loop_copies(causal_lm, inputs)
+    assert all(shape.endswith("[]") for shape in copies), copies
