@@ -14,6 +14,7 @@ from keras_qwenvl.chat_format import DEFAULT_SYSTEM_PROMPT
 from keras_qwenvl.chat_format import build_chat_prompt
 from keras_qwenvl.chat_format import find_image_tags
 from keras_qwenvl.data.loader import RawExamplesMixin
+from keras_qwenvl.decoder import empty_cache
 from keras_qwenvl.losses import QwenVLCrossEntropy
 from keras_qwenvl.presets import QwenVLPresetMixin
 from keras_qwenvl.samplers import QwenVLGreedySampler
@@ -341,11 +342,13 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         """
         backbone = self.backbone
         batch, max_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        rows, head_dim = batch * backbone.num_heads, backbone.head_dim
         cache = tuple(
-            (
-                ops.zeros((rows, head_dim, max_length), self.compute_dtype),
-                ops.zeros((rows, max_length, head_dim), self.compute_dtype),
+            empty_cache(
+                batch,
+                backbone.num_heads,
+                backbone.head_dim,
+                max_length,
+                self.compute_dtype,
             )
             for _ in range(backbone.num_layers)
         )

@@ -123,6 +123,15 @@ def attention_inputs(x, padding_mask, prompt_lengths, cache, start):
     return positions, prompt_lengths, mask
 
 
+def empty_cache(batch, heads, head_dim, max_length, dtype):
+    """A layer's zero (keys, values) in the layouts of `update_cache`."""
+    rows = batch * heads
+    return (
+        ops.zeros((rows, head_dim, max_length), dtype),
+        ops.zeros((rows, max_length, head_dim), dtype),
+    )
+
+
 def update_cache(cache, key, value, index, update_mask=None):
     """Write a call's keys and values, each (b, t, heads, head_dim), into a
     layer's cache at position `index`; where `update_mask` (b, t) is False
