@@ -26,7 +26,9 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
 
     Used by the adapter (separate query/key/value inputs) and by the ViT
     blocks (self-attention). `attention_mask` (t, s) is an optional bool
-    mask shared by the batch.
+    mask shared by the batch. A query of batch size 1 with keys of batch
+    size b is projected once and shared by the b rows (the adapter's
+    learned queries are the same for every image).
     """
 
     def __init__(
@@ -86,6 +88,8 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
         # over leading dimensions; the scale goes on the smaller operand.
         q = ops.transpose(q, (0, 2, 1, 3))
         q = q * ops.cast(1.0 / math.sqrt(self.head_dim), q.dtype)
+        if query.shape[0] == 1 and key.shape[0] != 1:
+            q = ops.broadcast_to(q, (ops.shape(k)[0],) + tuple(q.shape[1:]))
         k = ops.transpose(k, (0, 2, 1, 3))
         v = ops.transpose(v, (0, 2, 1, 3))
         scores = ops.cast(ops.einsum("bnth,bnsh->bnts", q, k), "float32")
@@ -215,10 +219,8 @@ class QwenVLAdapter(keras.layers.Layer):
         kv = self.ln_kv(self.kv_proj(patches))
         pos = ops.cast(self.pos_embed, kv.dtype)
         key_pos = resize_position_table(self.pos_embed, patch_grid)
-        queries = self.ln_q(ops.cast(self.query, kv.dtype)) + pos
-        queries = ops.broadcast_to(
-            queries[None], (ops.shape(kv)[0],) + tuple(queries.shape)
-        )
+        # One row of queries: projected once, shared by every image.
+        queries = (self.ln_q(ops.cast(self.query, kv.dtype)) + pos)[None]
         return self.attention(
             queries, kv + ops.cast(key_pos, kv.dtype)[None], kv
         )

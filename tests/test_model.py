@@ -163,6 +163,57 @@ def test_vision_encoder_shapes_4d_and_5d():
     np.testing.assert_allclose(slots[0], out, atol=1e-5)
 
 
+
+def test_shared_query_row_equals_the_query_repeated_per_row():
+    from keras_qwenvl.adapter import QwenVLMultiHeadAttention
+
+    keras.utils.set_random_seed(2)
+    attention = QwenVLMultiHeadAttention(num_heads=2, head_dim=4)
+    rng = np.random.default_rng(2)
+    query = rng.standard_normal((1, 5, 8)).astype("float32")
+    keys = rng.standard_normal((3, 7, 8)).astype("float32")
+    shared = to_np(attention(query, keys))
+    repeated = to_np(attention(np.repeat(query, 3, axis=0), keys))
+    assert shared.shape == (3, 5, 8)
+    np.testing.assert_allclose(shared, repeated, atol=1e-6)
+    # The adapter shares its learned queries: each image of a batch gets
+    # what it gets alone.
+    encoder = tiny_encoder()
+    pixels = rng.standard_normal((3, 28, 28, 3)).astype("float32")
+    batch = to_np(encoder(pixels))
+    for i in range(3):
+        alone = to_np(encoder(pixels[i : i + 1]))
+        np.testing.assert_allclose(batch[i], alone[0], atol=1e-5)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="inspects XLA's compiled HLO"
+)
+def test_adapter_projects_its_learned_queries_once_per_batch():
+    import re
+
+    import jax
+
+    encoder = tiny_encoder()
+    pixels = np.zeros((3, 28, 28, 3), "float32")
+    encoder(pixels)
+    trainable = [v.value for v in encoder.trainable_variables]
+    other = [v.value for v in encoder.non_trainable_variables]
+
+    def run(trainable, other, pixels):
+        return encoder.stateless_call(trainable, other, pixels)[0]
+
+    hlo = jax.jit(run).lower(trainable, other, pixels).compile().as_text()
+    shapes = re.findall(
+        r"= f32\[([\d,]+)\]\S* \w+\(.*op_name=\"[^\"]*"
+        r"adapter/attention/query/[^\"]*dot_general",
+        hlo,
+    )
+    assert shapes, "no query projection found in the compiled function"
+    for shape in shapes:
+        rows = np.prod([int(d) for d in shape.split(",")]) // 32
+        assert rows == QUERIES, shape
+
 def test_window_attention_mask_and_encoder():
     mask = window_attention_mask(4, 2)
     assert mask.shape == (16, 16)
