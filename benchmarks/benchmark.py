@@ -569,11 +569,39 @@ def run_worker(spec):
 # === Driver and report ===
 
 
-def run_in_subprocess(backend, spec, log):
-    """Runs `run_worker(spec)` under `KERAS_BACKEND=backend`."""
+def worker_environment():
+    """The environment the workers start with: this one, with glibc's
+    malloc on transparent huge pages where glibc has the tunable and the
+    user set no `GLIBC_TUNABLES` (the rule and the reason are the main
+    job's: `huge_page_environment` in examples/train_synthetic.py; XLA's
+    CPU runtime maps its large buffers afresh at every call, and the
+    kernel faults them in 4 KiB at a time). `GLIBC_TUNABLES=` opts out."""
+    import importlib.util
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "examples",
+        "train_synthetic.py",
+    )
+    spec = importlib.util.spec_from_file_location("train_synthetic", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # its top defines, its main runs nothing
+    environ = script.huge_page_environment(
+        os.environ, sys.platform, platform.libc_ver()
+    )
+    return dict(os.environ) if environ is None else environ
+
+
+def run_in_subprocess(backend, spec, log, environ=None):
+    """Runs `run_worker(spec)` under `KERAS_BACKEND=backend`, in `environ`
+    (default: this process's environment)."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "result.json")
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        env = dict(
+            os.environ if environ is None else environ,
+            KERAS_BACKEND=backend,
+            TF_CPP_MIN_LOG_LEVEL="3",
+        )
         command = [
             sys.executable,
             os.path.abspath(__file__),
@@ -845,7 +873,8 @@ def markdown(report):
         f"{machine['matmul_gflops']:,.0f} GFLOP/s, copy "
         f"{machine['copy_gbps']:,.1f} GB/s. Medians of {report['repeats']} "
         f"runs after a warm-up; {report['new_tokens']} new tokens per "
-        "generation.",
+        "generation. Workers' GLIBC_TUNABLES: "
+        f"{machine.get('glibc_tunables')!r}.",
         "",
         "| backend | model | config | matmul GFLOP/s | copy GB/s | vision img/s | "
         "prefill tok/s (MFU) | train tok/s (MFU) | train peak RSS GB | "
@@ -995,9 +1024,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     machine = numpy_machine_peaks(args.quick)
     machine["host"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    environ = worker_environment()
+    machine["glibc_tunables"] = environ.get("GLIBC_TUNABLES")
     print(
         f"numpy: matmul {machine['matmul_gflops']:,.0f} GFLOP/s, "
-        f"copy {machine['copy_gbps']:,.1f} GB/s",
+        f"copy {machine['copy_gbps']:,.1f} GB/s; workers' GLIBC_TUNABLES: "
+        f"{machine['glibc_tunables']!r}",
         flush=True,
     )
     specs = [{"model": "qwenvl", "config": name} for name in args.configs]
@@ -1018,7 +1050,7 @@ def main(argv=None):
                     flush=True,
                 )
                 result = run_in_subprocess(
-                    backend, {**spec, "settings": settings}, log
+                    backend, {**spec, "settings": settings}, log, environ
                 )
                 if "error" not in result:
                     result["derived"] = derive(result, machine)

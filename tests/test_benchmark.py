@@ -1,6 +1,7 @@
-"""benchmarks/benchmark.py's goal rows: ratios against the original code's
-figures, whether each goal is met, and what a target asks of the machine
-the run measured."""
+"""benchmarks/benchmark.py without measuring: its goal rows (ratios
+against the original code's figures, whether each goal is met, what a
+target asks of the machine the run measured) and its workers' environment.
+"""
 
 import json
 import os
@@ -155,3 +156,25 @@ def test_render_rewrites_the_tables_from_a_saved_run(tmp_path):
     assert saved["goals"] and all(row["met"] in (True, False)
                                   for row in saved["goals"])
     assert saved["results"][0]["derived"]["training_tokens_per_s"] > 0
+
+
+def test_workers_get_huge_pages_unless_the_user_chose(monkeypatch):
+    monkeypatch.setattr(
+        benchmark.platform, "libc_ver", lambda: ("glibc", "2.36")
+    )
+    monkeypatch.setattr(benchmark.sys, "platform", "linux")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv("SOME_SETTING", "kept")
+    environ = benchmark.worker_environment()
+    assert environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert environ["SOME_SETTING"] == "kept"
+    # A choice of the user's stands, even an empty one (the opt-out).
+    for chosen in ("", "glibc.malloc.arena_max=2"):
+        monkeypatch.setenv("GLIBC_TUNABLES", chosen)
+        assert benchmark.worker_environment()["GLIBC_TUNABLES"] == chosen
+    # Too old a glibc for the tunable: nothing added.
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    monkeypatch.setattr(
+        benchmark.platform, "libc_ver", lambda: ("glibc", "2.31")
+    )
+    assert "GLIBC_TUNABLES" not in benchmark.worker_environment()
