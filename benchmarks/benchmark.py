@@ -592,16 +592,12 @@ def worker_environment():
     return dict(os.environ) if environ is None else environ
 
 
-def run_in_subprocess(backend, spec, log, environ=None):
+def run_in_subprocess(backend, spec, log, environ):
     """Runs `run_worker(spec)` under `KERAS_BACKEND=backend`, in `environ`
-    (default: this process's environment)."""
+    (`worker_environment()`)."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "result.json")
-        env = dict(
-            os.environ if environ is None else environ,
-            KERAS_BACKEND=backend,
-            TF_CPP_MIN_LOG_LEVEL="3",
-        )
+        env = dict(environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
         command = [
             sys.executable,
             os.path.abspath(__file__),

@@ -163,7 +163,6 @@ def test_vision_encoder_shapes_4d_and_5d():
     np.testing.assert_allclose(slots[0], out, atol=1e-5)
 
 
-
 def test_shared_query_row_equals_the_query_repeated_per_row():
     from keras_qwenvl.adapter import QwenVLMultiHeadAttention
 
