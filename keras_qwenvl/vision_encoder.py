@@ -11,6 +11,7 @@ import numpy as np
 from keras import ops
 from keras_hub.src.utils.keras_utils import clone_initializer
 
+from keras_qwenvl.activations import exact_gelu
 from keras_qwenvl.adapter import QwenVLAdapter
 from keras_qwenvl.adapter import QwenVLMultiHeadAttention
 from keras_qwenvl.initializers import projection_initializer
@@ -84,7 +85,7 @@ class QwenVLVisionBlock(keras.layers.Layer):
     def call(self, x, attention_mask=None, training=None):
         def forward(x):
             x = x + self.attention(self.ln_1(x), attention_mask=attention_mask)
-            h = ops.gelu(self.mlp_fc(self.ln_2(x)), approximate=False)
+            h = exact_gelu(self.mlp_fc(self.ln_2(x)))
             return x + self.mlp_proj(h)
 
         if self.remat and training:

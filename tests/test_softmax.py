@@ -6,28 +6,9 @@ import numpy as np
 import pytest
 from keras import ops
 
+from gradients import gradient
+
 from keras_qwenvl.softmax import attention_softmax
-
-
-def gradient(fn, x):
-    """d sum(fn(x) * weights) / dx on the current backend."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return np.asarray(jax.grad(fn)(x))
-    if backend == "torch":
-        import torch
-
-        x = torch.tensor(x, requires_grad=True)
-        fn(x).backward()
-        return x.grad.numpy()
-    import tensorflow as tf
-
-    x = tf.Variable(x)
-    with tf.GradientTape() as tape:
-        value = fn(x)
-    return tape.gradient(value, x).numpy()
 
 
 def scores_batch(shape=(2, 3, 5, 7)):
