@@ -131,6 +131,12 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         (`QwenVLCrossEntropy.from_hidden_states`). The loss, the gradients
         and the accuracy are those of the logits (float32 rounding).
         `evaluate()` and `predict()` compute the logits as usual.
+
+        On PyTorch, `jit_compile=True` also compiles `generate()`'s
+        decoding step with `torch.compile` (Keras otherwise runs PyTorch
+        eagerly; the first generation of each batch size and `max_length`
+        compiles, minutes at the published size). It applies to `fit()`
+        as Keras applies it there: compile again without it to train.
         """
         if isinstance(sampler, str) and sampler == "greedy":
             sampler = QwenVLGreedySampler()
@@ -154,6 +160,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             **kwargs,
         )
         self._token_accuracy = None
+        self._compiled_decoding_step = None
         if accuracy:
             self._token_accuracy = keras.metrics.Mean(
                 name="sparse_categorical_accuracy"
@@ -384,13 +391,15 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         # their tokens (the sampler leaves masked positions as they are).
         index = ops.min(prompt_lengths)
 
+        decoding_step = self._decoding_step()
+
         def next(prompt, cache, index):
             batch = ops.shape(prompt)[0]
             current = ops.slice(prompt, [0, index - 1], [batch, 1])
             update_mask = ops.logical_not(
                 ops.slice(padding_mask, [0, index - 1], [batch, 1])
             )
-            logits, hidden_states, cache = self.call_with_cache(
+            logits, hidden_states, cache = decoding_step(
                 current,
                 cache,
                 index - 1,
@@ -430,6 +439,23 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         if images is not None:
             outputs["images"] = images
         return outputs
+
+    def _decoding_step(self):
+        """`call_with_cache`, or on PyTorch with `jit_compile=True` its
+        `torch.compile`d version (one graph per batch size and
+        `max_length`: the position is a tensor; JAX and TensorFlow compile
+        the whole of `generate_step` already)."""
+        if keras.config.backend() != "torch" or not getattr(
+            self, "jit_compile", False
+        ):
+            return self.call_with_cache
+        if getattr(self, "_compiled_decoding_step", None) is None:
+            import torch
+
+            self._compiled_decoding_step = torch.compile(
+                self.call_with_cache, dynamic=False
+            )
+        return self._compiled_decoding_step
 
     # === Generation entry points ===
 

@@ -64,14 +64,16 @@ def ntk_alpha_index(lengths, seq_length):
     doublings of `seq_length` below `length` gives the same integer without
     floating point at the power-of-two boundaries. Prompts up to `seq_length`
     get k = 1 (alpha 1: no scaling).
+
+    `length > seq_length * 2**j` is tested as `(length - 1) // seq_length
+    >= 2**j`, in int32 without overflow and without numpy constants (under
+    `torch.compile` a numpy array converted at call time splits the graph).
     """
     lengths = ops.cast(lengths, "int32")
-    thresholds = seq_length * 2 ** np.arange(_MAX_NTK_DOUBLINGS - 1, dtype="int64")
-    thresholds = np.minimum(thresholds, np.iinfo("int32").max)
-    below = ops.cast(
-        ops.expand_dims(lengths, -1) > ops.convert_to_tensor(thresholds, "int32"),
-        "int32",
-    )
+    whole = ops.floor_divide(lengths - 1, seq_length)
+    # k = 1 + the doublings, at most the table's last row.
+    powers = ops.power(2, ops.arange(_MAX_NTK_DOUBLINGS - 2, dtype="int32"))
+    below = ops.cast(ops.expand_dims(whole, -1) >= powers, "int32")
     return ops.sum(below, axis=-1) + 1
 
 
@@ -123,6 +125,34 @@ def attention_inputs(x, padding_mask, prompt_lengths, cache, start):
     return positions, prompt_lengths, mask
 
 
+def _update_cache_by_mask(cache, key, value, index, update_mask):
+    """`update_cache` for one position (t = 1), PyTorch's decoding step.
+
+    A slice of the cache that starts at a tensor position needs that
+    position as a Python int, which `torch.compile` cannot trace without
+    splitting the step; a mask over the cache's positions can. Keras'
+    PyTorch `slice_update` copies the whole cache anyway, so eagerly this
+    costs what the slice did.
+    """
+    batch, _, heads, head_dim = ops.shape(key)
+    rows = batch * heads
+    key = ops.reshape(ops.transpose(key, (0, 2, 3, 1)), (rows, head_dim, 1))
+    value = ops.reshape(ops.transpose(value, (0, 2, 1, 3)), (rows, 1, head_dim))
+    max_length = ops.shape(cache[0])[-1]
+    chosen = ops.arange(max_length, dtype="int32") == ops.cast(index, "int32")
+    chosen = ops.broadcast_to(chosen[None, :], (rows, max_length))
+    if update_mask is not None:
+        update = ops.reshape(
+            ops.broadcast_to(update_mask[:, None, :], (batch, heads, 1)),
+            (rows, 1),
+        )
+        chosen = ops.logical_and(chosen, update)
+    return (
+        ops.where(chosen[:, None, :], key, cache[0]),
+        ops.where(chosen[:, :, None], value, cache[1]),
+    )
+
+
 def empty_cache(batch, heads, head_dim, max_length, dtype):
     """A layer's zero (keys, values) in the layouts of `update_cache`."""
     rows = batch * heads
@@ -147,6 +177,8 @@ def update_cache(cache, key, value, index, update_mask=None):
     update in a copy of its own.
     """
     batch, length, heads, head_dim = ops.shape(key)
+    if keras.config.backend() == "torch" and length == 1:
+        return _update_cache_by_mask(cache, key, value, index, update_mask)
     key = ops.reshape(
         ops.transpose(key, (0, 2, 3, 1)), (batch * heads, head_dim, length)
     )
@@ -212,6 +244,12 @@ class QwenVLAttention(keras.layers.Layer):
         self._inverse_frequencies = rotary_inverse_frequencies(
             self.rotary_dim, rope_max_wavelength
         )
+        if keras.config.backend() == "torch":
+            # A tensor once, not a numpy array at every call: converting one
+            # inside `torch.compile` splits the compiled graph.
+            self._inverse_frequencies = ops.convert_to_tensor(
+                self._inverse_frequencies
+            )
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]

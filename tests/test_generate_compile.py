@@ -163,3 +163,43 @@ def test_decoding_loop_copies_neither_cache_nor_kernels():
     inputs = {"token_ids": ids, "padding_mask": mask}
     copies = decoding_loop_copies(causal_lm, inputs)
     assert all(shape.endswith("[]") for shape in copies), copies
+
+
+# === PyTorch: the decoding step under torch.compile ===
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
+)
+def test_torch_compiled_decoding_step_is_one_graph(causal_lm):
+    """With `jit_compile=True` the decoding step compiles to one graph,
+    without graph breaks, reused by prompts of other lengths and by every
+    position; the tokens are the eager ones."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    image = np.random.default_rng(0).uniform(0, 255, (28, 28, 3))
+    prompts = ["<img>a</img>hello", "<img>a</img>a longer prompt than that"]
+
+    def generate_all():
+        return [
+            causal_lm.generate(
+                {"prompts": prompt, "images": [image]},
+                max_length=MAX_LENGTH,
+                stop_token_ids=None,
+            )
+            for prompt in prompts
+        ]
+
+    eager = generate_all()
+    torch._dynamo.reset()
+    counters.clear()
+    causal_lm.compile(sampler="greedy", jit_compile=True)
+    assert causal_lm._decoding_step() is not causal_lm.call_with_cache
+    compiled = generate_all()
+    assert compiled == eager
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    # Compiling again without it goes back to the eager step.
+    causal_lm.compile(sampler="greedy")
+    assert causal_lm._decoding_step() == causal_lm.call_with_cache

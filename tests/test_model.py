@@ -15,7 +15,9 @@ from keras_qwenvl.backbone import QwenVLBackbone
 from keras_qwenvl.backbone import interleave_image_features
 from keras_qwenvl.causal_lm import QwenVLCausalLM
 from keras_qwenvl.causal_lm_preprocessor import QwenVLCausalLMPreprocessor
+from keras_qwenvl.decoder import _MAX_NTK_DOUBLINGS
 from keras_qwenvl.decoder import ntk_alpha_index
+from keras_qwenvl.decoder import rotary_inverse_frequencies
 from keras_qwenvl.image_converter import QwenVLImageConverter
 from keras_qwenvl.position_tables import bicubic_resize_matrix
 from keras_qwenvl.position_tables import resize_position_table
@@ -143,12 +145,16 @@ def test_sincos_table_layout():
 def test_ntk_alpha_index_follows_the_reference_formula():
     import math
 
-    lengths = [1, 16, 17, 32, 33, 64, 65, 300]
+    lengths = [1, 16, 17, 32, 33, 64, 65, 300, 16 << 20, (16 << 20) + 1]
     got = to_np(ntk_alpha_index(ops.convert_to_tensor(lengths), 16))
     for length, k in zip(lengths, got):
         context = math.log(length / 16, 2) + 1
         alpha = max(2 ** math.ceil(context) - 1, 1)
         assert max(2**k - 1, 1) == alpha, length
+    # Past the table's last factor, prompts keep it (no row past the end).
+    huge = ntk_alpha_index(ops.convert_to_tensor([2**31 - 1], "int32"), 16)
+    assert to_np(huge)[0] == _MAX_NTK_DOUBLINGS - 1
+    assert len(rotary_inverse_frequencies(8, 10000.0)) == _MAX_NTK_DOUBLINGS
 
 
 # === Vision encoder ===
