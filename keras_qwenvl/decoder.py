@@ -125,34 +125,6 @@ def attention_inputs(x, padding_mask, prompt_lengths, cache, start):
     return positions, prompt_lengths, mask
 
 
-def _update_cache_by_mask(cache, key, value, index, update_mask):
-    """`update_cache` for one position (t = 1), PyTorch's decoding step.
-
-    A slice of the cache that starts at a tensor position needs that
-    position as a Python int, which `torch.compile` cannot trace without
-    splitting the step; a mask over the cache's positions can. Keras'
-    PyTorch `slice_update` copies the whole cache anyway, so eagerly this
-    costs what the slice did.
-    """
-    batch, _, heads, head_dim = ops.shape(key)
-    rows = batch * heads
-    key = ops.reshape(ops.transpose(key, (0, 2, 3, 1)), (rows, head_dim, 1))
-    value = ops.reshape(ops.transpose(value, (0, 2, 1, 3)), (rows, 1, head_dim))
-    max_length = ops.shape(cache[0])[-1]
-    chosen = ops.arange(max_length, dtype="int32") == ops.cast(index, "int32")
-    chosen = ops.broadcast_to(chosen[None, :], (rows, max_length))
-    if update_mask is not None:
-        update = ops.reshape(
-            ops.broadcast_to(update_mask[:, None, :], (batch, heads, 1)),
-            (rows, 1),
-        )
-        chosen = ops.logical_and(chosen, update)
-    return (
-        ops.where(chosen[:, None, :], key, cache[0]),
-        ops.where(chosen[:, :, None], value, cache[1]),
-    )
-
-
 def empty_cache(batch, heads, head_dim, max_length, dtype):
     """A layer's zero (keys, values) in the layouts of `update_cache`."""
     rows = batch * heads
@@ -177,20 +149,35 @@ def update_cache(cache, key, value, index, update_mask=None):
     update in a copy of its own.
     """
     batch, length, heads, head_dim = ops.shape(key)
-    if keras.config.backend() == "torch" and length == 1:
-        return _update_cache_by_mask(cache, key, value, index, update_mask)
+    rows = batch * heads
     key = ops.reshape(
-        ops.transpose(key, (0, 2, 3, 1)), (batch * heads, head_dim, length)
+        ops.transpose(key, (0, 2, 3, 1)), (rows, head_dim, length)
     )
     value = ops.reshape(
-        ops.transpose(value, (0, 2, 1, 3)), (batch * heads, length, head_dim)
+        ops.transpose(value, (0, 2, 1, 3)), (rows, length, head_dim)
     )
-    key_start, value_start = [0, 0, index], [0, index, 0]
+    update = None
     if update_mask is not None:
         update = ops.reshape(
             ops.broadcast_to(update_mask[:, None, :], (batch, heads, length)),
-            (batch * heads, length),
+            (rows, length),
         )
+    if keras.config.backend() == "torch" and length == 1:
+        # PyTorch's decoding step: a slice at a tensor position needs the
+        # position as a Python int, which `torch.compile` cannot trace
+        # without splitting the step; a mask over the cache's positions
+        # can. Keras' PyTorch `slice_update` copies the whole cache anyway,
+        # so eagerly this costs what the slice did.
+        positions = ops.arange(ops.shape(cache[0])[-1], dtype="int32")
+        chosen = (positions == ops.cast(index, "int32"))[None, :]
+        if update is not None:
+            chosen = ops.logical_and(chosen, update)
+        return (
+            ops.where(chosen[:, None, :], key, cache[0]),
+            ops.where(chosen[:, :, None], value, cache[1]),
+        )
+    key_start, value_start = [0, 0, index], [0, index, 0]
+    if update is not None:
         key = ops.where(
             update[:, None, :],
             key,
