@@ -500,10 +500,7 @@ def measure_generation(
     difference is new_tokens - 1 decoding steps. The time to the first
     token is a call with max_length 301 on the 300-token prompt.
     """
-    if jit_compile:
-        causal_lm.compile(sampler="greedy", jit_compile=True)
-    else:
-        causal_lm.compile(sampler="greedy")
+    causal_lm.compile(sampler="greedy", jit_compile=jit_compile or "auto")
     length = PROMPT_LENGTH + new_tokens
 
     def run(prompt, max_length):
