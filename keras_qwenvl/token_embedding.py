@@ -6,12 +6,18 @@ from keras_hub.layers import ReversibleEmbedding
 
 from keras_qwenvl.ordering import after
 
+if keras.config.backend() == "torch":
+    from keras_qwenvl import torch_cpu_logits
+else:
+    torch_cpu_logits = None
+
 
 @keras.saving.register_keras_serializable(package="keras_qwenvl")
 class QwenVLTokenEmbedding(ReversibleEmbedding):
     """keras-hub's `ReversibleEmbedding` (same weights, same numbers) whose
     lookup, on JAX, builds its table gradient only once the gradient of the
-    looked-up rows exists.
+    looked-up rows exists, and whose lm_head, on PyTorch on CPU, runs
+    through oneDNN where no gradient is needed.
 
     The gradient of a lookup is a table-sized array of zeros into which the
     rows' gradients are added. Nothing in it depends on the forward or
@@ -20,10 +26,21 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
     Qwen's 151,936 x 512, 2.5 GB at the published 4,096): here the zeros
     are made to depend on the rows' gradient (`ordering.after`), which
     places them after it. Other backends (and quantized or reverse calls)
-    use the parent's call unchanged.
+    use the parent's lookup unchanged.
+
+    On PyTorch on CPU, the lm_head (`reverse=True`) of float32 calls that
+    need no gradient multiplies through oneDNN rather than MKL (see
+    `torch_cpu_logits`: 2.7x faster in a batch-8 decoding step); other
+    reverse calls are the parent's.
     """
 
     def call(self, inputs, reverse=False):
+        if reverse and torch_cpu_logits is not None:
+            kernel = self._plain_reverse_kernel()
+            if kernel is not None and torch_cpu_logits.applies(
+                inputs, kernel
+            ):
+                return torch_cpu_logits.matmul(inputs, kernel)
         if (
             reverse
             or self.quantization_mode is not None
@@ -34,6 +51,19 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
             inputs = ops.cast(inputs, "int32")
         table = ops.convert_to_tensor(self.embeddings)
         return ops.cast(_jax_lookup(table, inputs), self.compute_dtype)
+
+    def _plain_reverse_kernel(self):
+        """The (hidden, vocabulary) kernel of a reverse call that is a
+        plain product (not quantized, cast or soft-capped), else None."""
+        if (
+            self.quantization_mode is not None
+            or getattr(self, "reverse_dtype", None) is not None
+            or getattr(self, "logit_soft_cap", None) is not None
+        ):
+            return None
+        if self.tie_weights:
+            return ops.transpose(ops.convert_to_tensor(self.embeddings))
+        return ops.convert_to_tensor(self.reverse_embeddings)
 
 
 def _jax_lookup(table, ids):

@@ -1,6 +1,9 @@
 """`QwenVLTokenEmbedding`: keras-hub's `ReversibleEmbedding` with the same
 numbers, whose table gradient on JAX is made only once the looked-up rows'
-gradient exists."""
+gradient exists, and whose lm_head on PyTorch on CPU runs through oneDNN
+where no gradient is needed."""
+
+import contextlib
 
 import keras
 import numpy as np
@@ -114,3 +117,90 @@ def test_adamw_step_holds_the_table_gradient_for_less_time(monkeypatch):
     use_keras_hubs_lookup(monkeypatch)
     theirs = temp_bytes()
     assert theirs - ours >= vocabulary * hidden * 4, (ours, theirs)
+
+
+# === The lm_head where no gradient is needed (PyTorch: oneDNN) ===
+
+
+def no_gradient():
+    """What `generate()` and `predict()` run under on each backend."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
+def count_onednn_products(monkeypatch):
+    """Counts the lm_head products that go through oneDNN (PyTorch)."""
+    from keras_qwenvl import torch_cpu_logits
+
+    calls = []
+    product = torch_cpu_logits.matmul
+
+    def counting(inputs, kernel):
+        calls.append(tuple(inputs.shape))
+        return product(inputs, kernel)
+
+    monkeypatch.setattr(torch_cpu_logits, "matmul", counting)
+    return calls
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lm_head_without_gradient_is_the_product(tied, monkeypatch):
+    """The logits of a call that needs no gradient are `hidden @ kernel`
+    (float32 rounding), for 2-D and 3-D inputs; on PyTorch on CPU they
+    come from oneDNN."""
+    layer = QwenVLTokenEmbedding(300, 16, tie_weights=tied)
+    layer.build()
+    kernel = to_np(layer.embeddings).T if tied else to_np(
+        layer.reverse_embeddings
+    )
+    if keras.backend.backend() == "torch":
+        from keras_qwenvl import torch_cpu_logits
+
+        calls = count_onednn_products(monkeypatch)
+    rng = np.random.default_rng(0)
+    for shape in ((3, 16), (2, 5, 16)):
+        hidden = rng.normal(size=shape).astype("float32")
+        with no_gradient():
+            logits = to_np(layer(hidden, reverse=True))
+        assert logits.shape == shape[:-1] + (300,)
+        np.testing.assert_allclose(
+            logits, hidden @ kernel, rtol=1e-5, atol=1e-5
+        )
+    if keras.backend.backend() == "torch":
+        expected = [(3, 16), (2, 5, 16)] if torch_cpu_logits.available() else []
+        assert calls == expected
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="PyTorch's oneDNN lm_head"
+)
+def test_torch_lm_head_with_gradient_is_keras_hubs(monkeypatch):
+    """Where a gradient is recorded the lm_head is keras-hub's product, and
+    the kernel's gradient is the product's; bfloat16 and quantized calls
+    keep keras-hub's path too."""
+    import torch
+
+    calls = count_onednn_products(monkeypatch)
+    layer = QwenVLTokenEmbedding(300, 16, tie_weights=False)
+    layer.build()
+    rng = np.random.default_rng(1)
+    hidden = rng.normal(size=(4, 16)).astype("float32")
+    upstream = rng.normal(size=(4, 300)).astype("float32")
+    logits = layer(torch.tensor(hidden), reverse=True)
+    (logits * torch.tensor(upstream)).sum().backward()
+    kernel = layer.reverse_embeddings.value
+    np.testing.assert_allclose(
+        kernel.grad.numpy(), hidden.T @ upstream, rtol=1e-5, atol=1e-5
+    )
+    assert calls == []
+
+    with torch.no_grad():
+        bf16 = QwenVLTokenEmbedding(300, 16, dtype="bfloat16")
+        bf16.build()
+        bf16(hidden, reverse=True)
+        layer.quantize("int8", type_check=False)
+        layer(hidden, reverse=True)
+    assert calls == []
