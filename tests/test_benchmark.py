@@ -158,6 +158,29 @@ def test_render_rewrites_the_tables_from_a_saved_run(tmp_path):
     assert saved["results"][0]["derived"]["training_tokens_per_s"] > 0
 
 
+def test_the_table_says_which_pytorch_generations_were_compiled():
+    """Runs saved before bfloat16 generation compiled on PyTorch render as
+    they ran; newer ones name bfloat16 among the compiled."""
+    def note(bfloat16_compiled):
+        result = dict(qwen_result("small", 2.0), backend="torch",
+                      generation_compiled=True)
+        if bfloat16_compiled is not None:
+            result["precisions"]["bfloat16"]["compiled"] = bfloat16_compiled
+        text = benchmark.markdown(report_of(result))
+        return next(line for line in text.splitlines()
+                    if line.startswith("PyTorch: "))
+
+    older = note(None)
+    assert "float32 generation ran" in older
+    assert "int8, bfloat16 and PaliGemma eagerly" in older
+    assert note(False) == older
+    newer = note(True)
+    assert "float32 and bfloat16 generation ran" in newer
+    assert "int8 and PaliGemma eagerly" in newer
+    eager = benchmark.markdown(report_of(qwen_result("small", 2.0)))
+    assert "PyTorch: " not in eager
+
+
 def test_workers_get_huge_pages_unless_the_user_chose(monkeypatch):
     monkeypatch.setattr(
         benchmark.platform, "libc_ver", lambda: ("glibc", "2.36")
