@@ -203,3 +203,61 @@ def test_torch_compiled_decoding_step_is_one_graph(causal_lm):
     # Compiling again without it goes back to the eager step.
     causal_lm.compile(sampler="greedy")
     assert causal_lm._decoding_step() == causal_lm.call_with_cache
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
+)
+def test_torch_compiled_bfloat16_step_is_one_graph_with_eager_logits(
+    tmp_path,
+):
+    """In bfloat16 too the compiled decoding step is one graph without
+    breaks, and its logits are the eager step's to bfloat16 rounding
+    (Inductor fuses and rounds differently, so near-tied tokens of a
+    random model may differ: logits, not tokens, are compared)."""
+    import torch
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    causal_lm = tiny_causal_lm(str(tmp_path), dtype="bfloat16")
+    image = np.random.default_rng(0).uniform(0, 255, (28, 28, 3))
+    x = causal_lm.preprocessor.generate_preprocess(
+        {"prompts": ["<img>a</img>hello there"], "images": [[image]]},
+        sequence_length=MAX_LENGTH,
+    )
+    length = int(np.sum(ops.convert_to_numpy(x["padding_mask"])))
+    ids = ops.convert_to_tensor(x["token_ids"])
+    lengths = ops.convert_to_tensor(np.array([length], "int32"))
+    torch._dynamo.reset()
+    counters.clear()
+    causal_lm.compile(sampler="greedy", jit_compile=True)
+    with torch.no_grad():
+        features = causal_lm.backbone.vision_encoder(
+            ops.convert_to_tensor(x["images"])
+        )
+        _, cache = causal_lm._build_cache(ids, lengths, features)
+        padding = ops.convert_to_tensor(x["padding_mask"])
+        steps = []
+        for step in (causal_lm.call_with_cache, causal_lm._decoding_step()):
+            # As `generate_step` calls it: the position as a tensor, the
+            # prompt's positions left as the prompt's pass wrote them.
+            logits = [
+                step(
+                    ids[:, index - 1 : index],
+                    cache,
+                    ops.convert_to_tensor(index - 1),
+                    prompt_lengths=lengths,
+                    cache_update_mask=ops.logical_not(
+                        ops.cast(padding[:, index - 1 : index], "bool")
+                    ),
+                )[0]
+                for index in (length, length + 3)
+            ]
+            steps.append(np.stack([ops.convert_to_numpy(
+                ops.cast(value, "float32")) for value in logits]))
+    eager, compiled = steps
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+    scale = np.abs(eager).max()
+    assert scale > 0
+    np.testing.assert_allclose(compiled, eager, atol=0.03 * scale, rtol=0)

@@ -64,7 +64,7 @@ def tiny_backbone(vision=True, **kwargs):
     return QwenVLBackbone(**config)
 
 
-def tiny_causal_lm(folder):
+def tiny_causal_lm(folder, **backbone_kwargs):
     """A tiny multimodal QwenVLCausalLM with a byte-level preprocessor whose
     vocabulary file is written into `folder`."""
     vocabulary = write_byte_level_vocabulary(os.path.join(folder, "v.tiktoken"))
@@ -72,6 +72,7 @@ def tiny_causal_lm(folder):
     backbone = tiny_backbone(
         vocabulary_size=tokenizer.vocabulary_size(),
         image_start_token_id=tokenizer.image_start_token_id,
+        **backbone_kwargs,
     )
     preprocessor = QwenVLCausalLMPreprocessor(
         tokenizer, QwenVLImageConverter(image_size=(28, 28))
