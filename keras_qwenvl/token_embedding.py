@@ -31,8 +31,7 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
     On PyTorch on CPU, the lm_head (`reverse=True`) of float32 calls that
     need no gradient multiplies through oneDNN rather than MKL (see
     `torch_cpu_logits`: its product 2.7x faster in a batch-8 decoding
-    step); other
-    reverse calls are the parent's.
+    step); other reverse calls are the parent's.
     """
 
     def call(self, inputs, reverse=False):
