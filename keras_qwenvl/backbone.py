@@ -340,5 +340,19 @@ class QwenVLBackbone(QwenVLPresetMixin, Backbone):
         config = dict(config)
         encoder = config.get("vision_encoder")
         if isinstance(encoder, dict):
+            dtype = config.get("dtype")
+            if _is_policy_map(dtype):
+                # A quantized model's map of layer paths to policies: the
+                # encoder's layers find theirs in it (its own config
+                # holds the policy it had before quantization).
+                encoder = {**encoder, "config": {**encoder["config"]}}
+                encoder["config"]["dtype"] = dtype
             config["vision_encoder"] = keras.layers.deserialize(encoder)
         return cls(**config)
+
+
+def _is_policy_map(dtype):
+    """Whether `dtype` is a `DTypePolicyMap`, or one serialized."""
+    if isinstance(dtype, dict):
+        return dtype.get("class_name") == "DTypePolicyMap"
+    return isinstance(dtype, keras.dtype_policies.DTypePolicyMap)

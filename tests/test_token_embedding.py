@@ -204,3 +204,102 @@ def test_torch_lm_head_with_gradient_is_keras_hubs(monkeypatch):
         layer.quantize("int8", type_check=False)
         layer(hidden, reverse=True)
     assert calls == []
+
+
+def count_int8_products(monkeypatch):
+    """Counts the int8 lm_head products by the path each backend takes on
+    CPU: `torch._int_mm` on PyTorch, the blocked loop on JAX and
+    TensorFlow."""
+    from keras_qwenvl import int8_logits
+
+    calls = []
+    if keras.backend.backend() == "torch":
+        import torch
+
+        product = torch._int_mm
+
+        def counting(rows, table):
+            calls.append(tuple(rows.shape))
+            return product(rows, table)
+
+        monkeypatch.setattr(torch, "_int_mm", counting)
+    else:
+        product = int8_logits._blocked_product
+
+        def counting(inputs, table):
+            calls.append(tuple(inputs.shape))
+            return product(inputs, table)
+
+        monkeypatch.setattr(int8_logits, "_blocked_product", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "tied, soft_cap, block_bytes",
+    # 4 * 8 * 7 bytes: blocks of 7 rows, 7 blocks and a remainder of 1.
+    [(False, None, None), (True, None, None), (False, 30.0, 4 * 8 * 7),
+     (True, None, 4 * 8 * 7)],
+)
+def test_int8_lm_head_is_keras_hubs(tied, soft_cap, block_bytes, monkeypatch):
+    """The int8 lm_head (the untied table laid out by vocabulary rows, the
+    product by `int8_logits`) gives keras-hub's int8 logits."""
+    from keras_qwenvl import int8_logits
+
+    if block_bytes is not None:
+        monkeypatch.setattr(int8_logits, "BLOCK_BYTES", block_bytes)
+    kwargs = dict(tie_weights=tied, logit_soft_cap=soft_cap)
+    layer = QwenVLTokenEmbedding(50, 8, **kwargs)
+    layer.build()
+    reference = ReversibleEmbedding(50, 8, **kwargs)
+    reference.build()
+    reference.set_weights(layer.get_weights())
+    layer.quantize("int8", type_check=False)
+    reference.quantize("int8", type_check=False)
+    if not tied:
+        assert tuple(layer.reverse_embeddings.shape) == (50, 8)
+        assert layer.reverse_embeddings.dtype == "int8"
+        np.testing.assert_array_equal(
+            to_np(layer.reverse_embeddings),
+            to_np(reference.reverse_embeddings).T,
+        )
+    calls = count_int8_products(monkeypatch)
+    hidden = np.random.default_rng(2).normal(size=(2, 3, 8)) * 4
+    hidden = hidden.astype("float32")
+    np.testing.assert_allclose(
+        to_np(layer(hidden, reverse=True)),
+        to_np(reference(hidden, reverse=True)),
+        rtol=1e-6, atol=1e-6,
+    )
+    assert len(calls) == 1
+
+
+def test_int8_model_saves_and_loads(tmp_path):
+    """A quantized model goes through a preset: the loaded model quantizes
+    the same layers (the vision encoder's too), builds the untied int8
+    table by rows, and computes the same hidden states and logits."""
+    from keras_qwenvl import QwenVLCausalLM
+    from tests.test_model import tiny_causal_lm
+    from tests.test_quantize import quantized_layers
+
+    lm = tiny_causal_lm(str(tmp_path))
+    lm.quantize("int8")
+    head = lm.backbone.token_embedding
+    assert not head.tie_weights
+    lm.save_to_preset(str(tmp_path / "int8"))
+    loaded = QwenVLCausalLM.from_preset(str(tmp_path / "int8"))
+    assert quantized_layers(loaded.backbone) == quantized_layers(lm.backbone)
+    loaded_head = loaded.backbone.token_embedding
+    assert tuple(loaded_head.reverse_embeddings.shape) == (
+        head.input_dim, head.output_dim
+    )
+    image = np.random.default_rng(3).uniform(0, 255, (40, 30, 3))
+    x = lm.preprocessor.generate_preprocess(
+        {"prompts": ["<img></img> a shape"], "images": [[image]]},
+        sequence_length=16,
+    )
+    hidden = [to_np(m.backbone.predict_on_batch(x)) for m in (lm, loaded)]
+    np.testing.assert_array_equal(hidden[1], hidden[0])
+    np.testing.assert_array_equal(
+        to_np(loaded_head(hidden[0], reverse=True)),
+        to_np(head(hidden[0], reverse=True)),
+    )
