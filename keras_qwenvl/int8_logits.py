@@ -57,13 +57,28 @@ def product(inputs, table):
     return _blocked_product(inputs, table)
 
 
+def block_rows(vocabulary, hidden):
+    """Rows of the table per block: the largest divisor of the vocabulary
+    whose float32 copy fits `BLOCK_BYTES`, so that the blocks are a
+    reshape of the table rather than a copy of it (Qwen's 151,936 =
+    128 x 1,187: blocks of 1,187 rows at hidden 512); a vocabulary
+    without such a divisor of at least a quarter of that size is cut into
+    blocks of that size and a remainder."""
+    most = max(1, min(vocabulary, BLOCK_BYTES // (4 * hidden)))
+    for rows in range(most, most // 4, -1):
+        if vocabulary % rows == 0:
+            return rows
+    return most
+
+
 def _blocked_product(inputs, table):
     vocabulary, hidden = table.shape
     lead = ops.shape(inputs)[:-1]
     rows = ops.cast(ops.reshape(inputs, (-1, hidden)), "float32")
-    block = max(1, min(vocabulary, BLOCK_BYTES // (4 * hidden)))
+    block = block_rows(vocabulary, hidden)
     blocks = vocabulary // block
-    main = ops.reshape(table[: blocks * block], (blocks, block, hidden))
+    main = table if blocks * block == vocabulary else table[: blocks * block]
+    main = ops.reshape(main, (blocks, block, hidden))
 
     def one_block(rows_of_table):
         return ops.matmul(
