@@ -77,15 +77,20 @@ def _blocked_product(inputs, table):
     rows = ops.cast(ops.reshape(inputs, (-1, hidden)), "float32")
     block = block_rows(vocabulary, hidden)
     blocks = vocabulary // block
-    main = table if blocks * block == vocabulary else table[: blocks * block]
-    main = ops.reshape(main, (blocks, block, hidden))
 
     def one_block(rows_of_table):
         return ops.matmul(
             rows, ops.transpose(ops.cast(rows_of_table, "float32"))
         )
 
-    out = ops.map(one_block, main)  # (blocks, rows, block)
+    def block_at(index):
+        start = ops.multiply(index, block)
+        return one_block(ops.slice(table, (start, 0), (block, hidden)))
+
+    # A loop over block indices: the table is sliced inside it, never
+    # split into a stacked copy (TensorFlow's `map_fn` over the table
+    # itself copied all of it at every step).
+    out = ops.map(block_at, ops.arange(blocks, dtype="int32"))
     out = ops.reshape(ops.transpose(out, (1, 0, 2)), (-1, blocks * block))
     if blocks * block < vocabulary:
         out = ops.concatenate([out, one_block(table[blocks * block :])], -1)
