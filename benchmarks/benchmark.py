@@ -548,8 +548,8 @@ def run_worker(spec):
     result["training"] = measure_training(workload, causal_lm, repeats)
     # keras_qwenvl's PyTorch decoding step compiles with jit_compile=True
     # (keras-hub's PaliGemma has no such path on PyTorch), in float32 and
-    # bfloat16; Keras' int8 layers split it into many graphs (193 ms a
-    # "small" step compiled on F, 111-130 eagerly), so int8 runs eagerly.
+    # bfloat16; Keras' int8 layers split it into many graphs (82-84 ms a
+    # "small" step compiled on F, 52 eagerly), so int8 runs eagerly.
     compiled = (
         settings.get("torch_compile", False)
         and result["backend"] == "torch"

@@ -59,11 +59,11 @@ def product(inputs, table):
 
 def block_rows(vocabulary, hidden):
     """Rows of the table per block: the largest divisor of the vocabulary
-    whose float32 copy fits `BLOCK_BYTES`, so that the blocks are a
-    reshape of the table rather than a copy of it (Qwen's 151,936 =
-    128 x 1,187: blocks of 1,187 rows at hidden 512); a vocabulary
-    without such a divisor of at least a quarter of that size is cut into
-    blocks of that size and a remainder."""
+    whose float32 copy fits `BLOCK_BYTES`, so that all blocks are one
+    loop's (Qwen's 151,936 = 128 x 1,187: blocks of 1,187 rows at hidden
+    512); a vocabulary without such a divisor of at least a quarter of
+    that size is cut into blocks of that size and a remainder, multiplied
+    after the loop."""
     most = max(1, min(vocabulary, BLOCK_BYTES // (4 * hidden)))
     for rows in range(most, most // 4, -1):
         if vocabulary % rows == 0:
