@@ -131,19 +131,25 @@ def no_gradient():
     return contextlib.nullcontext()
 
 
+def count_calls(monkeypatch, owner, name):
+    """Records the shape of the first argument of every call of
+    `owner.name` (which still runs)."""
+    calls = []
+    function = getattr(owner, name)
+
+    def counting(first, *args):
+        calls.append(tuple(first.shape))
+        return function(first, *args)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def count_onednn_products(monkeypatch):
     """Counts the lm_head products that go through oneDNN (PyTorch)."""
     from keras_qwenvl import torch_cpu_logits
 
-    calls = []
-    product = torch_cpu_logits.matmul
-
-    def counting(inputs, kernel):
-        calls.append(tuple(inputs.shape))
-        return product(inputs, kernel)
-
-    monkeypatch.setattr(torch_cpu_logits, "matmul", counting)
-    return calls
+    return count_calls(monkeypatch, torch_cpu_logits, "matmul")
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -212,26 +218,11 @@ def count_int8_products(monkeypatch):
     TensorFlow."""
     from keras_qwenvl import int8_logits
 
-    calls = []
     if keras.backend.backend() == "torch":
         import torch
 
-        product = torch._int_mm
-
-        def counting(rows, table):
-            calls.append(tuple(rows.shape))
-            return product(rows, table)
-
-        monkeypatch.setattr(torch, "_int_mm", counting)
-    else:
-        product = int8_logits._blocked_product
-
-        def counting(inputs, table):
-            calls.append(tuple(inputs.shape))
-            return product(inputs, table)
-
-        monkeypatch.setattr(int8_logits, "_blocked_product", counting)
-    return calls
+        return count_calls(monkeypatch, torch, "_int_mm")
+    return count_calls(monkeypatch, int8_logits, "_blocked_product")
 
 
 @pytest.mark.parametrize(
