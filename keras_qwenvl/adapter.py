@@ -16,7 +16,7 @@ from keras_qwenvl.initializers import projection_initializer
 from keras_qwenvl.layer_norm import QwenVLLayerNorm
 from keras_qwenvl.position_tables import resize_position_table
 from keras_qwenvl.position_tables import sincos_2d_table
-from keras_qwenvl.softmax import attention_softmax
+from keras_qwenvl.softmax import softmax_weighted_sum
 
 
 @keras.saving.register_keras_serializable(package="keras_qwenvl")
@@ -97,8 +97,7 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
             scores = ops.where(
                 attention_mask[None, None], scores, ops.full_like(scores, -1e30)
             )
-        probs = ops.cast(attention_softmax(scores), v.dtype)
-        out = ops.einsum("bnts,bnsh->bnth", probs, v)
+        out = softmax_weighted_sum(scores, v)
         return self.attention_output(ops.transpose(out, (0, 2, 1, 3)))
 
     def get_config(self):

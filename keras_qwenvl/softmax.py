@@ -1,4 +1,5 @@
-"""The attention softmax, whose gradient keeps only its output."""
+"""The attention softmax, whose gradient keeps only its output, and the
+softmax-weighted sum of values."""
 
 import keras
 from keras import ops
@@ -38,3 +39,28 @@ def _jax_softmax(scores, axis):
 
     softmax.defvjp(forward, backward)
     return softmax(scores)
+
+
+def softmax_weighted_sum(scores, values):
+    """`ops.matmul(softmax(scores), values)`: scores (..., t, s), values
+    (..., s, h), the softmax over s; the weights are cast to the values'
+    dtype.
+
+    On JAX the division by the softmax's sum comes after the product, on
+    the (t, h) output instead of the (t, s) weights. XLA's CPU compiler
+    fuses the exponent, the sum, the division and both products into one
+    kernel, which at the ViT's shapes spent more time on the division than
+    on the products: "small" at batch 4, (4, 4, 256, 64) heads, 1.8 ms
+    against 2.6 ms for the attention, 6-7% of the encoder. The backward
+    pass keeps one scores-sized array, as `attention_softmax`'s does, and
+    the (t, h) product before the division. The maximum is subtracted without a gradient (softmax does not depend on
+    it). PyTorch and TensorFlow keep their fused softmax kernels.
+    """
+    if keras.config.backend() != "jax":
+        probs = ops.cast(attention_softmax(scores), values.dtype)
+        return ops.matmul(probs, values)
+    top = ops.stop_gradient(ops.max(scores, axis=-1, keepdims=True))
+    weights = ops.exp(scores - top)
+    total = ops.sum(weights, axis=-1, keepdims=True)
+    out = ops.matmul(ops.cast(weights, values.dtype), values)
+    return out / ops.cast(total, out.dtype)

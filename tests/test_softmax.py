@@ -1,5 +1,5 @@
 """`attention_softmax`: Keras' softmax, with a gradient that keeps only the
-output on JAX."""
+output on JAX; `softmax_weighted_sum`: softmax(scores) @ values."""
 
 import keras
 import numpy as np
@@ -9,6 +9,7 @@ from keras import ops
 from gradients import gradient
 
 from keras_qwenvl.softmax import attention_softmax
+from keras_qwenvl.softmax import softmax_weighted_sum
 
 
 def scores_batch(shape=(2, 3, 5, 7)):
@@ -66,3 +67,96 @@ def test_jax_backward_keeps_fewer_scores_sized_arrays():
     theirs = temp_bytes(lambda s: ops.softmax(s, axis=-1))
     # about one array per layer (XLA keeps the last layer's either way)
     assert theirs - ours >= (layers - 1) * scores_bytes, (ours, theirs)
+
+
+def keras_weighted_sum(scores, values):
+    probs = ops.cast(ops.softmax(scores, axis=-1), values.dtype)
+    return ops.matmul(probs, values)
+
+
+def test_weighted_sum_values_and_gradients_equal_keras():
+    """Masked keys, a fully masked row, and the gradient of the scores and
+    of the values."""
+    scores, _ = scores_batch()
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(2, 3, 7, 4)).astype("float32")
+    upstream = ops.convert_to_tensor(
+        rng.normal(size=(2, 3, 5, 4)).astype("float32")
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(softmax_weighted_sum(scores, values)),
+        ops.convert_to_numpy(keras_weighted_sum(scores, values)),
+        rtol=1e-5, atol=1e-6,
+    )
+    for argument in (0, 1):
+
+        def loss(function, x):
+            inputs = [scores, values]
+            inputs[argument] = x
+            return ops.sum(function(*inputs) * upstream)
+
+        start = (scores, values)[argument]
+        ours = gradient(lambda x: loss(softmax_weighted_sum, x), start)
+        theirs = gradient(lambda x: loss(keras_weighted_sum, x), start)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+        assert np.abs(ours).max() > 0.1
+
+
+def test_weighted_sum_in_bfloat16():
+    scores, _ = scores_batch()
+    values = np.random.default_rng(1).normal(size=(2, 3, 7, 4))
+    values = ops.cast(values, "bfloat16")
+    out = softmax_weighted_sum(scores, values)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(out, "float32")),
+        ops.convert_to_numpy(
+            ops.cast(keras_weighted_sum(scores, values), "float32")
+        ),
+        rtol=2e-2, atol=2e-2,
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="the order of the division in XLA's compiled function (JAX)",
+)
+def test_jax_divides_the_output_and_keeps_one_scores_array():
+    """The compiled function divides no scores-sized array, and its
+    gradient keeps the scores-sized arrays `attention_softmax`'s keeps."""
+    import jax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 128, 32)).astype("float32")
+    hlo = (
+        jax.jit(lambda x: softmax_weighted_sum(x @ x.swapaxes(-1, -2), x))
+        .lower(x)
+        .compile()
+        .as_text()
+    )
+    # XLA may turn the division into a reciprocal and a product; both keep
+    # the division's op name.
+    division = [line for line in hlo.splitlines() if '/div"' in line]
+    assert any("f32[2,4,128,32]" in line for line in division), division
+    assert not any("f32[2,4,128,128]" in line for line in division)
+    layers = 6
+
+    def temp_bytes(weighted_sum):
+        def value(x):
+            h = x
+            for _ in range(layers):
+                scores = ops.einsum("bnth,bnsh->bnts", h, h)
+                h = ops.tanh(weighted_sum(scores, h))
+            return ops.sum(h)
+
+        compiled = jax.jit(jax.grad(value)).lower(x).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    ours = temp_bytes(softmax_weighted_sum)
+    kept = temp_bytes(
+        lambda s, v: ops.matmul(attention_softmax(s), v)
+    )
+    # the same scores-sized arrays; the division's gradient adds the
+    # (t, h) product before it, a quarter of a scores array here
+    product_bytes = 2 * 4 * 128 * 32 * 4
+    assert ours <= kept + layers * product_bytes, (ours, kept)
