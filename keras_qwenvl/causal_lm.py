@@ -137,6 +137,11 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         eagerly; the first generation of each batch size and `max_length`
         compiles, minutes at the published size). It applies to `fit()`
         as Keras applies it there: compile again without it to train.
+
+        On TensorFlow, `generate()` compiles with XLA unless
+        `jit_compile=False` is passed, also on CPU, where Keras' "auto"
+        leaves XLA off for `fit()` and keras-hub's generation would run
+        as a TensorFlow graph (see `make_generate_function`).
         """
         if isinstance(sampler, str) and sampler == "greedy":
             sampler = QwenVLGreedySampler()
@@ -161,6 +166,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         )
         self._token_accuracy = None
         self._compiled_decoding_step = None
+        self._xla_generation = kwargs.get("jit_compile", "auto") is not False
         if accuracy:
             self._token_accuracy = keras.metrics.Mean(
                 name="sparse_categorical_accuracy"
@@ -439,6 +445,28 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         if images is not None:
             outputs["images"] = images
         return outputs
+
+    def make_generate_function(self):
+        """keras-hub's, except on TensorFlow, where `generate_step` runs
+        under XLA unless the model was compiled with `jit_compile=False`.
+        Keras' "auto" turns XLA off on machines without an accelerator,
+        so keras-hub's generation there is a TensorFlow graph; at the
+        benchmark's "small" size on a 2-core CPU, XLA's was faster on
+        every measurement: a float32 decoding step 25.5 against 27.2 ms,
+        8 rows 34.7 against 40.6, the first token 142 against 167 ms,
+        bfloat16 17.7 against 27.8 ms, int8 10.4 against 30.7 ms (the
+        graph's int8 `BatchMatMulV3` kernels)."""
+        if (
+            self.generate_function is None
+            and keras.config.backend() == "tensorflow"
+            and not self.run_eagerly
+            and getattr(self, "_xla_generation", True)
+        ):
+            self.generate_function = tf.function(
+                self.generate_step, jit_compile=True
+            )
+            return self.generate_function
+        return super().make_generate_function()
 
     def _decoding_step(self):
         """`call_with_cache`, or on PyTorch with `jit_compile=True` its

@@ -101,6 +101,24 @@ def test_text_batches_of_other_lengths_do_not_retrace(causal_lm, monkeypatch):
     assert all(shapes == seen[0] for shapes in seen)
 
 
+@pytest.mark.skipif(
+    keras.config.backend() != "tensorflow", reason="TensorFlow's XLA switch"
+)
+def test_tensorflow_generates_under_xla_unless_told_not_to(causal_lm):
+    """Keras' "auto" leaves XLA off on a CPU; generation compiles with it
+    anyway, and `jit_compile=False` gives keras-hub's graph back: the
+    same tokens either way."""
+    image = np.random.default_rng(0).uniform(0, 255, (28, 28, 3))
+    inputs = {"prompts": ["<img>a</img>hello"], "images": [[image]]}
+    with_xla = causal_lm.generate(inputs, max_length=MAX_LENGTH)
+    assert causal_lm.generate_function._jit_compile is True
+    causal_lm.compile(sampler="greedy", jit_compile=False)
+    graph = causal_lm.generate(inputs, max_length=MAX_LENGTH)
+    assert not causal_lm.generate_function._jit_compile
+    assert with_xla == graph
+    assert len(with_xla[0]) > len(inputs["prompts"][0])
+
+
 # === What the compiled decoding loop copies (JAX) ===
 
 
