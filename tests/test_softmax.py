@@ -21,6 +21,29 @@ def scores_batch(shape=(2, 3, 5, 7)):
     return scores, weights
 
 
+LAYERS = 6
+
+
+def chain_temp_bytes(weighted_sum):
+    """XLA's temporary bytes for the gradient of an attention-like chain
+    of `LAYERS` layers on (2, 4, 128, 32) inputs (JAX): each layer
+    `tanh(weighted_sum(h @ h.T, h))`, whose softmax weights the backward
+    pass may keep."""
+    import jax
+
+    x = np.random.default_rng(0).normal(size=(2, 4, 128, 32))
+
+    def value(x):
+        h = x
+        for _ in range(LAYERS):
+            scores = ops.einsum("bnth,bnsh->bnts", h, h)
+            h = ops.tanh(weighted_sum(scores, h))
+        return ops.sum(h)
+
+    compiled = jax.jit(jax.grad(value)).lower(x.astype("float32")).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def test_values_and_gradient_equal_keras_softmax():
     scores, weights = scores_batch()
     np.testing.assert_allclose(
@@ -45,28 +68,14 @@ def test_values_and_gradient_equal_keras_softmax():
 def test_jax_backward_keeps_fewer_scores_sized_arrays():
     """Attention-like chain: each layer's softmax is kept for the backward
     pass: with ours fewer scores-sized arrays are kept per layer."""
-    import jax
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 4, 128, 32)).astype("float32")
-    layers = 6
-
     def temp_bytes(softmax):
-        def value(x):
-            h = x
-            for _ in range(layers):
-                scores = ops.einsum("bnth,bnsh->bnts", h, h)
-                h = ops.tanh(ops.einsum("bnts,bnsh->bnth", softmax(scores), h))
-            return ops.sum(h)
-
-        compiled = jax.jit(jax.grad(value)).lower(x).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+        return chain_temp_bytes(lambda s, v: ops.matmul(softmax(s), v))
 
     scores_bytes = 2 * 4 * 128 * 128 * 4
     ours = temp_bytes(attention_softmax)
     theirs = temp_bytes(lambda s: ops.softmax(s, axis=-1))
     # about one array per layer (XLA keeps the last layer's either way)
-    assert theirs - ours >= (layers - 1) * scores_bytes, (ours, theirs)
+    assert theirs - ours >= (LAYERS - 1) * scores_bytes, (ours, theirs)
 
 
 def keras_weighted_sum(scores, values):
@@ -139,24 +148,9 @@ def test_jax_divides_the_output_and_keeps_one_scores_array():
     division = [line for line in hlo.splitlines() if '/div"' in line]
     assert any("f32[2,4,128,32]" in line for line in division), division
     assert not any("f32[2,4,128,128]" in line for line in division)
-    layers = 6
-
-    def temp_bytes(weighted_sum):
-        def value(x):
-            h = x
-            for _ in range(layers):
-                scores = ops.einsum("bnth,bnsh->bnts", h, h)
-                h = ops.tanh(weighted_sum(scores, h))
-            return ops.sum(h)
-
-        compiled = jax.jit(jax.grad(value)).lower(x).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    ours = temp_bytes(softmax_weighted_sum)
-    kept = temp_bytes(
-        lambda s, v: ops.matmul(attention_softmax(s), v)
-    )
+    ours = chain_temp_bytes(softmax_weighted_sum)
+    kept = chain_temp_bytes(lambda s, v: ops.matmul(attention_softmax(s), v))
     # the same scores-sized arrays; the division's gradient adds the
     # (t, h) product before it, a quarter of a scores array here
     product_bytes = 2 * 4 * 128 * 32 * 4
-    assert ours <= kept + layers * product_bytes, (ours, kept)
+    assert ours <= kept + LAYERS * product_bytes, (ours, kept)
