@@ -49,12 +49,13 @@ def softmax_weighted_sum(scores, values):
     On JAX the division by the softmax's sum comes after the product, on
     the (t, h) output instead of the (t, s) weights. XLA's CPU compiler
     fuses the exponent, the sum, the division and both products into one
-    kernel, which at the ViT's shapes spent more time on the division than
-    on the products: "small" at batch 4, (4, 4, 256, 64) heads, 1.8 ms
-    against 2.6 ms for the attention, 6-7% of the encoder. The backward
-    pass keeps one scores-sized array, as `attention_softmax`'s does, and
-    the (t, h) product before the division. The maximum is subtracted without a gradient (softmax does not depend on
-    it). PyTorch and TensorFlow keep their fused softmax kernels.
+    kernel; at the benchmark's "small" ViT, batch 4, (4, 4, 256, 64)
+    heads, the attention took 1.8 ms so against 2.6 ms with the weights
+    divided, 6-7% of the encoder. The backward pass keeps one
+    scores-sized array, as `attention_softmax`'s does, and the (t, h)
+    product before the division. The maximum is subtracted without a
+    gradient (softmax does not depend on it). PyTorch and TensorFlow keep
+    their fused softmax kernels.
     """
     if keras.config.backend() != "jax":
         probs = ops.cast(attention_softmax(scores), values.dtype)
