@@ -549,7 +549,8 @@ def run_worker(spec):
     # keras_qwenvl's PyTorch decoding step compiles with jit_compile=True
     # (keras-hub's PaliGemma has no such path on PyTorch), in float32 and
     # bfloat16; Keras' int8 layers split it into many graphs (82-84 ms a
-    # "small" step compiled on F, 52 eagerly), so int8 runs eagerly. On
+    # "small" step compiled on F, 52 eagerly), so int8 runs eagerly, as
+    # it runs with jit_compile=True too (`keras_qwenvl.torch_decoding`). On
     # TensorFlow keras_qwenvl's generate() compiles with XLA by default
     # (`QwenVLCausalLM.make_generate_function`); PaliGemma's runs as
     # keras-hub runs it (a TensorFlow graph on a CPU).

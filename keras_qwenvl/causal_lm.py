@@ -135,8 +135,10 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         On PyTorch, `jit_compile=True` also compiles `generate()`'s
         decoding step with `torch.compile` (Keras otherwise runs PyTorch
         eagerly; the first generation of each batch size and `max_length`
-        compiles, minutes at the published size). It applies to `fit()`
-        as Keras applies it there: compile again without it to train.
+        compiles, minutes at the published size; a step that breaks the
+        graph, as Keras' int8 layers do, runs eagerly; see
+        `torch_decoding`). It applies to `fit()` as Keras applies it
+        there: compile again without it to train.
 
         On TensorFlow, `generate()` compiles with XLA unless
         `jit_compile=False` is passed, also on CPU, where Keras' "auto"
@@ -469,21 +471,23 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         return super().make_generate_function()
 
     def _decoding_step(self):
-        """`call_with_cache`, or on PyTorch with `jit_compile=True` its
-        `torch.compile`d version (one graph per batch size and
-        `max_length`: the position is a tensor; JAX and TensorFlow compile
-        the whole of `generate_step` already)."""
+        """The decoding step for one generation: `call_with_cache`, or on
+        PyTorch with `jit_compile=True` its `torch.compile`d version (one
+        graph per batch size and `max_length`: the position is a tensor;
+        JAX and TensorFlow compile the whole of `generate_step` already),
+        its guards checked in full on the first steps of each generation
+        (see `torch_decoding`)."""
         if keras.config.backend() != "torch" or not getattr(
             self, "jit_compile", False
         ):
             return self.call_with_cache
         if getattr(self, "_compiled_decoding_step", None) is None:
-            import torch
+            from keras_qwenvl import torch_decoding
 
-            self._compiled_decoding_step = torch.compile(
-                self.call_with_cache, dynamic=False
+            self._compiled_decoding_step = torch_decoding.DecodingStep(
+                self.call_with_cache
             )
-        return self._compiled_decoding_step
+        return self._compiled_decoding_step.generation()
 
     # === Generation entry points ===
 

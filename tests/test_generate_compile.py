@@ -189,35 +189,77 @@ def test_decoding_loop_copies_neither_cache_nor_kernels():
 @pytest.mark.skipif(
     keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
 )
-def test_torch_compiled_decoding_step_is_one_graph(causal_lm):
+def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
     """With `jit_compile=True` the decoding step compiles to one graph,
     without graph breaks, reused by prompts of other lengths and by every
-    position; the tokens are the eager ones."""
+    position; the tokens are the eager ones. Each generation checks
+    Dynamo's guards in full on its first `GUARDED_STEPS` steps and only
+    the differences between compiled graphs after them."""
+    import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    from keras_qwenvl import torch_decoding
+
     image = np.random.default_rng(0).uniform(0, 255, (28, 28, 3))
     prompts = ["<img>a</img>hello", "<img>a</img>a longer prompt than that"]
+    steps, stances = [], []
 
     def generate_all():
-        return [
-            causal_lm.generate(
-                {"prompts": prompt, "images": [image]},
-                max_length=MAX_LENGTH,
-                stop_token_ids=None,
+        generated = []
+        for prompt in prompts:
+            del steps[:], stances[:]
+            generated.append(
+                causal_lm.generate(
+                    {"prompts": prompt, "images": [image]},
+                    max_length=MAX_LENGTH,
+                    stop_token_ids=None,
+                )
             )
-            for prompt in prompts
-        ]
+            if causal_lm.jit_compile and torch_decoding._SUPPORTED:
+                assert len(steps) > torch_decoding.GUARDED_STEPS + 1
+                assert stances == [{"skip_guard_eval_unsafe": True}] * (
+                    len(steps) - torch_decoding.GUARDED_STEPS
+                )
+        return generated
 
     eager = generate_all()
     torch._dynamo.reset()
     counters.clear()
     causal_lm.compile(sampler="greedy", jit_compile=True)
     assert causal_lm._decoding_step() is not causal_lm.call_with_cache
+
+    # Spies: steps called through each generation's callable, and the
+    # stances they set.
+    real_stance = torch.compiler.set_stance
+
+    def set_stance(*args, **kwargs):
+        stances.append(kwargs)
+        return real_stance(*args, **kwargs)
+
+    generation = torch_decoding.DecodingStep.generation
+
+    def counting_generation(self):
+        step = generation(self)
+
+        def counted(*args, **kwargs):
+            steps.append(1)
+            return step(*args, **kwargs)
+
+        return counted
+
+    if torch_decoding._SUPPORTED:
+        monkeypatch.setattr(torch.compiler, "set_stance", set_stance)
+        monkeypatch.setattr(
+            torch_decoding.DecodingStep, "generation", counting_generation
+        )
     compiled = generate_all()
     assert compiled == eager
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
+    assert causal_lm._compiled_decoding_step.mode == (
+        "whole graph" if torch_decoding._SUPPORTED else "guarded"
+    )
     # Compiling again without it goes back to the eager step.
     causal_lm.compile(sampler="greedy")
     assert causal_lm._decoding_step() == causal_lm.call_with_cache
@@ -279,3 +321,81 @@ def test_torch_compiled_bfloat16_step_is_one_graph_with_eager_logits(
     scale = np.abs(eager).max()
     assert scale > 0
     np.testing.assert_allclose(compiled, eager, atol=0.03 * scale, rtol=0)
+
+
+def tokens(causal_lm, seed=0):
+    """Greedy tokens of a fixed prompt with an image."""
+    image = np.random.default_rng(seed).uniform(0, 255, (28, 28, 3))
+    return causal_lm.generate(
+        {"prompts": ["<img>a</img>hello there"], "images": [[image]]},
+        max_length=MAX_LENGTH,
+        stop_token_ids=None,
+    )
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
+)
+def test_torch_compiled_generation_follows_lora(causal_lm):
+    """Adapters added after a compiled generation, without compiling
+    again, give the adapted model's eager tokens: the next generation's
+    first step checks every guard and compiles the new graph."""
+    from keras_qwenvl.training import enable_lora
+
+    causal_lm.compile(sampler="greedy", jit_compile=True)
+    before = tokens(causal_lm)
+    enable_lora(causal_lm, rank=2)
+    rng = np.random.default_rng(3)
+    for variable in causal_lm.backbone.weights:
+        if "lora_kernel" in variable.path:
+            variable.assign(rng.normal(0, 0.5, variable.shape))
+    lora = tokens(causal_lm)
+    assert causal_lm._compiled_decoding_step.mode != "eager"
+    assert lora != before  # the adapters change the tokens
+    causal_lm.compile(sampler="greedy")  # eager
+    assert lora == tokens(causal_lm)
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
+)
+def test_torch_decoding_step_falls_back():
+    """A step that breaks the graph runs eagerly; one past the
+    recompilation limit under a plain `torch.compile` (every guard on
+    every call); both still give their values."""
+    import torch
+    import torch._dynamo
+
+    from keras_qwenvl import torch_decoding
+
+    if not torch_decoding._SUPPORTED:
+        pytest.skip("this PyTorch has no per-call recompilation entries")
+    compiling = []
+
+    def broken(x):
+        compiling.append(torch.compiler.is_compiling())
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y + 1
+
+    step = torch_decoding.DecodingStep(broken)
+    run = step.generation()
+    x = torch.arange(3.0)
+    calls = torch_decoding.GUARDED_STEPS + 2
+    for _ in range(calls):
+        torch.testing.assert_close(run(x), x * 2 + 1)
+    assert step.mode == "eager"
+    assert compiling == [False] * calls
+
+    def size_plus_sum(x):
+        return x.sum() + x.shape[0]
+
+    step = torch_decoding.DecodingStep(size_plus_sum)
+    modes = []
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for n in range(1, 6):
+            run = step.generation()
+            for _ in range(torch_decoding.GUARDED_STEPS + 1):
+                assert float(run(torch.ones(n))) == 2 * n
+            modes.append(step.mode)
+    assert modes[0] == "whole graph" and modes[-1] == "guarded"
