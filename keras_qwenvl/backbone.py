@@ -54,7 +54,8 @@ def interleave_image_features(
     flat = ops.reshape(
         image_features, (ops.shape(image_features)[0], -1, image_features.shape[-1])
     )
-    flat = ops.pad(flat, [[0, 0], [1, 0], [0, 0]])
+    zero_row = ops.zeros((ops.shape(flat)[0], 1, flat.shape[-1]), flat.dtype)
+    flat = ops.concatenate([zero_row, flat], axis=1)
     index = ops.where(inside, 1 + span * num_queries + offset, 0)
     gathered = ops.take_along_axis(flat, index[:, :, None], axis=1)
     return ops.where(
@@ -64,7 +65,11 @@ def interleave_image_features(
 
 def _shift_right(x, steps):
     """x[:, p - steps] at position p (zeros where p < steps)."""
-    return ops.pad(x, [[0, 0], [steps, 0]])[:, :-steps]
+    # Not `ops.pad`: under `torch.compile`, Keras' PyTorch `pad` left
+    # Dynamo unable to trace the layer calls after it in the same graph.
+    return ops.concatenate(
+        [ops.zeros_like(x[:, :steps]), x[:, :-steps]], axis=1
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_qwenvl")

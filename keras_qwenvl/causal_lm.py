@@ -167,7 +167,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             **kwargs,
         )
         self._token_accuracy = None
-        self._compiled_decoding_step = None
+        self._compiled_steps = {}
         self._xla_generation = kwargs.get("jit_compile", "auto") is not False
         if accuracy:
             self._token_accuracy = keras.metrics.Mean(
@@ -349,6 +349,14 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             new_cache.append(layer_cache)
         return backbone.final_normalization(x), tuple(new_cache)
 
+    def _prefill(self, token_ids, prompt_lengths, images):
+        """The images' features and `_build_cache` over the prompts."""
+        image_features = None
+        if self.backbone.vision_encoder is not None and images is not None:
+            if images.shape[1] != 0:
+                image_features = self.backbone.vision_encoder(images)
+        return self._build_cache(token_ids, prompt_lengths, image_features)
+
     def _build_cache(self, token_ids, prompt_lengths, image_features):
         """Allocate the cache and fill it with one pass over the prompt.
 
@@ -384,22 +392,20 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
                 and, for a multimodal backbone, `images` (b, m, S, S, 3).
             stop_token_ids: tuple of ids that end a sequence, or None.
         """
-        token_ids = inputs["token_ids"]
+        token_ids = ops.convert_to_tensor(inputs["token_ids"])
         padding_mask = ops.cast(inputs["padding_mask"], "bool")
         images = inputs.get("images")
-        image_features = None
-        if self.backbone.vision_encoder is not None and images is not None:
-            if images.shape[1] != 0:
-                image_features = self.backbone.vision_encoder(images)
+        if images is not None:
+            images = ops.convert_to_tensor(images)
         prompt_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=1)
-        hidden_states, cache = self._build_cache(
-            token_ids, prompt_lengths, image_features
+        hidden_states, cache = self._compiled_step("prefill", self._prefill)(
+            token_ids, prompt_lengths, images
         )
         # Decoding starts after the shortest prompt; longer prompts keep
         # their tokens (the sampler leaves masked positions as they are).
         index = ops.min(prompt_lengths)
 
-        decoding_step = self._decoding_step()
+        decoding_step = self._compiled_step("decoding", self.call_with_cache)
 
         def next(prompt, cache, index):
             batch = ops.shape(prompt)[0]
@@ -470,24 +476,25 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             return self.generate_function
         return super().make_generate_function()
 
-    def _decoding_step(self):
-        """The decoding step for one generation: `call_with_cache`, or on
-        PyTorch with `jit_compile=True` its `torch.compile`d version (one
-        graph per batch size and `max_length`: the position is a tensor;
-        JAX and TensorFlow compile the whole of `generate_step` already),
+    def _compiled_step(self, name, fn):
+        """`fn` for one generation: as it is, or on PyTorch with
+        `jit_compile=True` compiled by `torch.compile` (one graph per
+        batch size and `max_length`; the decoding position is a tensor),
         its guards checked in full on the first steps of each generation
-        (see `torch_decoding`)."""
+        (see `torch_decoding`). JAX and TensorFlow compile the whole of
+        `generate_step` already."""
         if keras.config.backend() != "torch" or not getattr(
             self, "jit_compile", False
         ):
-            return self.call_with_cache
-        if getattr(self, "_compiled_decoding_step", None) is None:
+            return fn
+        steps = getattr(self, "_compiled_steps", None)
+        if steps is None:
+            steps = self._compiled_steps = {}
+        if name not in steps:
             from keras_qwenvl import torch_decoding
 
-            self._compiled_decoding_step = torch_decoding.DecodingStep(
-                self.call_with_cache
-            )
-        return self._compiled_decoding_step.generation()
+            steps[name] = torch_decoding.CompiledStep(fn)
+        return steps[name].generation()
 
     # === Generation entry points ===
 

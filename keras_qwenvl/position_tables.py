@@ -5,8 +5,11 @@ The reference resizes with PyTorch's `F.interpolate(mode="bicubic",
 align_corners=False)`: cubic convolution with A = -0.75, no antialiasing,
 border indices clamped. `jax.image.resize` and `tf.image.resize` use other
 kernels, so the resize is written here as a fixed (target, source) matrix per
-axis, built in numpy once and applied with `keras.ops`.
+axis, built in plain Python (a constant to every compiler) and applied
+with `keras.ops`.
 """
+
+import math
 
 import numpy as np
 from keras import ops
@@ -45,21 +48,32 @@ def _cubic_weights(t, a=-0.75):
     def far(x):  # 1 < |x| < 2
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
-    return np.array([far(t + 1), near(t), near(1 - t), far(2 - t)])
+    return (far(t + 1), near(t), near(1 - t), far(2 - t))
+
+
+def _bicubic_rows(source, target):
+    """`bicubic_resize_matrix` as lists of Python floats (float64).
+
+    Plain Python, so that `torch.compile` can trace a model that resizes
+    its table (Dynamo does not trace a numpy array's dtype) and sees a
+    constant."""
+    rows = []
+    scale = source / target
+    for i in range(target):
+        row = [0.0] * source
+        center = (i + 0.5) * scale - 0.5
+        base = math.floor(center)
+        weights = _cubic_weights(center - base)
+        for tap, w in zip(range(base - 1, base + 3), weights):
+            row[min(max(tap, 0), source - 1)] += w
+        rows.append(row)
+    return rows
 
 
 def bicubic_resize_matrix(source, target):
     """(target, source) float32 matrix of PyTorch's bicubic interpolation
     (align_corners=False, A = -0.75, no antialiasing)."""
-    matrix = np.zeros((target, source), dtype=np.float64)
-    scale = source / target
-    for i in range(target):
-        center = (i + 0.5) * scale - 0.5
-        base = int(np.floor(center))
-        weights = _cubic_weights(center - base)
-        for tap, w in zip(range(base - 1, base + 3), weights):
-            matrix[i, min(max(tap, 0), source - 1)] += w
-    return matrix.astype(np.float32)
+    return np.array(_bicubic_rows(source, target)).astype(np.float32)
 
 
 def resize_position_table(table, target_grid):
@@ -71,7 +85,7 @@ def resize_position_table(table, target_grid):
     if source_grid == target_grid:
         return table
     matrix = ops.convert_to_tensor(
-        bicubic_resize_matrix(source_grid, target_grid)
+        _bicubic_rows(source_grid, target_grid), dtype="float32"
     )
     dtype = table.dtype
     grid = ops.reshape(

@@ -189,12 +189,13 @@ def test_decoding_loop_copies_neither_cache_nor_kernels():
 @pytest.mark.skipif(
     keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
 )
-def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
-    """With `jit_compile=True` the decoding step compiles to one graph,
-    without graph breaks, reused by prompts of other lengths and by every
-    position; the tokens are the eager ones. Each generation checks
-    Dynamo's guards in full on its first `GUARDED_STEPS` steps and only
-    the differences between compiled graphs after them."""
+def test_torch_compiled_generation_is_two_graphs(causal_lm, monkeypatch):
+    """With `jit_compile=True` the prefill (vision encoder and prompt)
+    and the decoding step compile to one graph each, without graph
+    breaks, reused by prompts of other lengths and by every position; the
+    tokens are the eager ones. Each generation checks Dynamo's guards in
+    full on the decoding step's first `GUARDED_STEPS` steps and only the
+    differences between compiled graphs after them."""
     import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -217,9 +218,12 @@ def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
                 )
             )
             if causal_lm.jit_compile and torch_decoding._SUPPORTED:
-                assert len(steps) > torch_decoding.GUARDED_STEPS + 1
+                compiled = causal_lm._compiled_steps
+                assert steps.count(compiled["prefill"]) == 1
+                decoding = steps.count(compiled["decoding"])
+                assert decoding > torch_decoding.GUARDED_STEPS + 1
                 assert stances == [{"skip_guard_eval_unsafe": True}] * (
-                    len(steps) - torch_decoding.GUARDED_STEPS
+                    decoding - torch_decoding.GUARDED_STEPS
                 )
         return generated
 
@@ -227,23 +231,22 @@ def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     causal_lm.compile(sampler="greedy", jit_compile=True)
-    assert causal_lm._decoding_step() is not causal_lm.call_with_cache
 
-    # Spies: steps called through each generation's callable, and the
-    # stances they set.
+    # Spies: the compiled steps called through each generation's
+    # callable, and the stances they set.
     real_stance = torch.compiler.set_stance
 
     def set_stance(*args, **kwargs):
         stances.append(kwargs)
         return real_stance(*args, **kwargs)
 
-    generation = torch_decoding.DecodingStep.generation
+    generation = torch_decoding.CompiledStep.generation
 
     def counting_generation(self):
         step = generation(self)
 
         def counted(*args, **kwargs):
-            steps.append(1)
+            steps.append(self)
             return step(*args, **kwargs)
 
         return counted
@@ -251,18 +254,22 @@ def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
     if torch_decoding._SUPPORTED:
         monkeypatch.setattr(torch.compiler, "set_stance", set_stance)
         monkeypatch.setattr(
-            torch_decoding.DecodingStep, "generation", counting_generation
+            torch_decoding.CompiledStep, "generation", counting_generation
         )
     compiled = generate_all()
     assert compiled == eager
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
-    assert causal_lm._compiled_decoding_step.mode == (
-        "whole graph" if torch_decoding._SUPPORTED else "guarded"
-    )
-    # Compiling again without it goes back to the eager step.
+    mode = "whole graph" if torch_decoding._SUPPORTED else "guarded"
+    steps = causal_lm._compiled_steps
+    assert {name: step.mode for name, step in steps.items()} == {
+        "prefill": mode,
+        "decoding": mode,
+    }
+    # Compiling again without it goes back to eager steps.
     causal_lm.compile(sampler="greedy")
-    assert causal_lm._decoding_step() == causal_lm.call_with_cache
+    step = causal_lm._compiled_step("decoding", causal_lm.call_with_cache)
+    assert step == causal_lm.call_with_cache
 
 
 @pytest.mark.skipif(
@@ -298,7 +305,10 @@ def test_torch_compiled_bfloat16_step_is_one_graph_with_eager_logits(
         _, cache = causal_lm._build_cache(ids, lengths, features)
         padding = ops.convert_to_tensor(x["padding_mask"])
         steps = []
-        for step in (causal_lm.call_with_cache, causal_lm._decoding_step()):
+        compiled = causal_lm._compiled_step(
+            "decoding", causal_lm.call_with_cache
+        )
+        for step in (causal_lm.call_with_cache, compiled):
             # As `generate_step` calls it: the position as a tensor, the
             # prompt's positions left as the prompt's pass wrote them.
             logits = [
@@ -323,43 +333,46 @@ def test_torch_compiled_bfloat16_step_is_one_graph_with_eager_logits(
     np.testing.assert_allclose(compiled, eager, atol=0.03 * scale, rtol=0)
 
 
-def tokens(causal_lm, seed=0):
-    """Greedy tokens of a fixed prompt with an image."""
-    image = np.random.default_rng(seed).uniform(0, 255, (28, 28, 3))
-    return causal_lm.generate(
-        {"prompts": ["<img>a</img>hello there"], "images": [[image]]},
-        max_length=MAX_LENGTH,
-        stop_token_ids=None,
-    )
-
-
 @pytest.mark.skipif(
     keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
 )
-def test_torch_compiled_generation_follows_lora(causal_lm):
+def test_torch_compiled_generation_follows_lora():
     """Adapters added after a compiled generation, without compiling
     again, give the adapted model's eager tokens: the next generation's
-    first step checks every guard and compiles the new graph."""
+    first steps check every guard and compile the new graphs. (Text only:
+    each compilation of the tiny multimodal prefill takes half a minute.)"""
     from keras_qwenvl.training import enable_lora
 
+    causal_lm = QwenVLCausalLM(tiny_backbone(vision=False))
+    ids = np.zeros((1, MAX_LENGTH), "int32")
+    ids[0, :6] = [3, 14, 15, 92, 65, 35]
+    inputs = {"token_ids": ids, "padding_mask": (ids > 0).astype("int32")}
+
+    def tokens():
+        output = causal_lm.generate(inputs, stop_token_ids=None)
+        return np.asarray(output["token_ids"])
+
     causal_lm.compile(sampler="greedy", jit_compile=True)
-    before = tokens(causal_lm)
+    before = tokens()
     enable_lora(causal_lm, rank=2)
     rng = np.random.default_rng(3)
     for variable in causal_lm.backbone.weights:
         if "lora_kernel" in variable.path:
             variable.assign(rng.normal(0, 0.5, variable.shape))
-    lora = tokens(causal_lm)
-    assert causal_lm._compiled_decoding_step.mode != "eager"
-    assert lora != before  # the adapters change the tokens
+    lora = tokens()
+    steps = causal_lm._compiled_steps
+    assert [steps[name].mode for name in ("prefill", "decoding")] == [
+        steps["decoding"].mode
+    ] * 2 != ["eager"] * 2
+    assert (lora != before).any()  # the adapters change the tokens
     causal_lm.compile(sampler="greedy")  # eager
-    assert lora == tokens(causal_lm)
+    np.testing.assert_array_equal(lora, tokens())
 
 
 @pytest.mark.skipif(
     keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
 )
-def test_torch_decoding_step_falls_back():
+def test_torch_compiled_step_falls_back():
     """A step that breaks the graph runs eagerly; one past the
     recompilation limit under a plain `torch.compile` (every guard on
     every call); both still give their values."""
@@ -378,7 +391,7 @@ def test_torch_decoding_step_falls_back():
         torch._dynamo.graph_break()
         return y + 1
 
-    step = torch_decoding.DecodingStep(broken)
+    step = torch_decoding.CompiledStep(broken)
     run = step.generation()
     x = torch.arange(3.0)
     calls = torch_decoding.GUARDED_STEPS + 2
@@ -390,7 +403,7 @@ def test_torch_decoding_step_falls_back():
     def size_plus_sum(x):
         return x.sum() + x.shape[0]
 
-    step = torch_decoding.DecodingStep(size_plus_sum)
+    step = torch_decoding.CompiledStep(size_plus_sum)
     modes = []
     with torch._dynamo.config.patch(recompile_limit=2):
         for n in range(1, 6):
