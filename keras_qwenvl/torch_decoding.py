@@ -1,12 +1,5 @@
-"""PyTorch: generation's prefill and decoding step under `torch.compile`,
-their guards checked where something can have changed.
-
-With `jit_compile=True`, `QwenVLCausalLM.generate()` compiles two graphs
-per batch size and `max_length`: the prefill (vision encoder and the
-prompt's pass, 217 -> 173 ms to the first token at the benchmark's
-"small" size on a 2-core CPU) and the decoding step. The first
-generation of a shape compiles both: 95 s at "small" on that machine,
-65 of them the prefill's.
+"""PyTorch: generation's decoding step under `torch.compile`, its guards
+checked where something can have changed.
 
 Before it runs a compiled graph, Dynamo checks guards: that the module
 attributes, dtype policies, quantization and LoRA flags and tensor
@@ -21,8 +14,7 @@ ones from the step itself) and on later steps only those that tell its
 compiled graphs apart (Dynamo's `skip_guard_eval_unsafe` stance: the
 input tensors' shapes and whatever failed a check before). A model
 quantized, given LoRA or cast between two generations is caught by the
-next generation's first step, which compiles it again. The prefill
-runs once per generation, so all its guards are checked every time.
+next generation's first step, which compiles it again.
 
 That needs the step to be one graph (`fullgraph=True`: with graph
 breaks, layers' own methods get compiled frames whose guards the stance

@@ -189,13 +189,12 @@ def test_decoding_loop_copies_neither_cache_nor_kernels():
 @pytest.mark.skipif(
     keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
 )
-def test_torch_compiled_generation_is_two_graphs(causal_lm, monkeypatch):
-    """With `jit_compile=True` the prefill (vision encoder and prompt)
-    and the decoding step compile to one graph each, without graph
-    breaks, reused by prompts of other lengths and by every position; the
-    tokens are the eager ones. Each generation checks Dynamo's guards in
-    full on the decoding step's first `GUARDED_STEPS` steps and only the
-    differences between compiled graphs after them."""
+def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
+    """With `jit_compile=True` the decoding step compiles to one graph,
+    without graph breaks, reused by prompts of other lengths and by every
+    position; the tokens are the eager ones. Each generation checks
+    Dynamo's guards in full on its first `GUARDED_STEPS` steps and only
+    the differences between compiled graphs after them."""
     import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -218,9 +217,7 @@ def test_torch_compiled_generation_is_two_graphs(causal_lm, monkeypatch):
                 )
             )
             if causal_lm.jit_compile and torch_decoding._SUPPORTED:
-                compiled = causal_lm._compiled_steps
-                assert steps.count(compiled["prefill"]) == 1
-                decoding = steps.count(compiled["decoding"])
+                decoding = steps.count(causal_lm._compiled_steps["decoding"])
                 assert decoding > torch_decoding.GUARDED_STEPS + 1
                 assert stances == [{"skip_guard_eval_unsafe": True}] * (
                     decoding - torch_decoding.GUARDED_STEPS
@@ -258,13 +255,12 @@ def test_torch_compiled_generation_is_two_graphs(causal_lm, monkeypatch):
         )
     compiled = generate_all()
     assert compiled == eager
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     mode = "whole graph" if torch_decoding._SUPPORTED else "guarded"
     steps = causal_lm._compiled_steps
     assert {name: step.mode for name, step in steps.items()} == {
-        "prefill": mode,
-        "decoding": mode,
+        "decoding": mode
     }
     # Compiling again without it goes back to eager steps.
     causal_lm.compile(sampler="greedy")
@@ -339,8 +335,7 @@ def test_torch_compiled_bfloat16_step_is_one_graph_with_eager_logits(
 def test_torch_compiled_generation_follows_lora():
     """Adapters added after a compiled generation, without compiling
     again, give the adapted model's eager tokens: the next generation's
-    first steps check every guard and compile the new graphs. (Text only:
-    each compilation of the tiny multimodal prefill takes half a minute.)"""
+    first steps check every guard and compile the new graph."""
     from keras_qwenvl.training import enable_lora
 
     causal_lm = QwenVLCausalLM(tiny_backbone(vision=False))
@@ -360,10 +355,7 @@ def test_torch_compiled_generation_follows_lora():
         if "lora_kernel" in variable.path:
             variable.assign(rng.normal(0, 0.5, variable.shape))
     lora = tokens()
-    steps = causal_lm._compiled_steps
-    assert [steps[name].mode for name in ("prefill", "decoding")] == [
-        steps["decoding"].mode
-    ] * 2 != ["eager"] * 2
+    assert causal_lm._compiled_steps["decoding"].mode != "eager"
     assert (lora != before).any()  # the adapters change the tokens
     causal_lm.compile(sampler="greedy")  # eager
     np.testing.assert_array_equal(lora, tokens())
