@@ -167,7 +167,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             **kwargs,
         )
         self._token_accuracy = None
-        self._compiled_steps = {}
+        self._compiled_decoding_step = None
         self._xla_generation = kwargs.get("jit_compile", "auto") is not False
         if accuracy:
             self._token_accuracy = keras.metrics.Mean(
@@ -406,7 +406,7 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         # their tokens (the sampler leaves masked positions as they are).
         index = ops.min(prompt_lengths)
 
-        decoding_step = self._compiled_step("decoding", self.call_with_cache)
+        decoding_step = self._decoding_step()
 
         def next(prompt, cache, index):
             batch = ops.shape(prompt)[0]
@@ -477,25 +477,24 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             return self.generate_function
         return super().make_generate_function()
 
-    def _compiled_step(self, name, fn):
-        """`fn` for one generation: as it is, or on PyTorch with
-        `jit_compile=True` compiled by `torch.compile` (one graph per
-        batch size and `max_length`; the decoding position is a tensor),
+    def _decoding_step(self):
+        """The decoding step for one generation: `call_with_cache`, or on
+        PyTorch with `jit_compile=True` its `torch.compile`d version (one
+        graph per batch size and `max_length`: the position is a tensor),
         its guards checked in full on the first steps of each generation
         (see `torch_decoding`). JAX and TensorFlow compile the whole of
         `generate_step` already."""
         if keras.config.backend() != "torch" or not getattr(
             self, "jit_compile", False
         ):
-            return fn
-        steps = getattr(self, "_compiled_steps", None)
-        if steps is None:
-            steps = self._compiled_steps = {}
-        if name not in steps:
+            return self.call_with_cache
+        if getattr(self, "_compiled_decoding_step", None) is None:
             from keras_qwenvl import torch_decoding
 
-            steps[name] = torch_decoding.CompiledStep(fn)
-        return steps[name].generation()
+            self._compiled_decoding_step = torch_decoding.CompiledStep(
+                self.call_with_cache
+            )
+        return self._compiled_decoding_step.generation()
 
     # === Generation entry points ===
 

@@ -217,7 +217,7 @@ def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
                 )
             )
             if causal_lm.jit_compile and torch_decoding._SUPPORTED:
-                decoding = steps.count(causal_lm._compiled_steps["decoding"])
+                decoding = steps.count(causal_lm._compiled_decoding_step)
                 assert decoding > torch_decoding.GUARDED_STEPS + 1
                 assert stances == [{"skip_guard_eval_unsafe": True}] * (
                     decoding - torch_decoding.GUARDED_STEPS
@@ -258,14 +258,10 @@ def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1
     assert not counters["graph_break"]
     mode = "whole graph" if torch_decoding._SUPPORTED else "guarded"
-    steps = causal_lm._compiled_steps
-    assert {name: step.mode for name, step in steps.items()} == {
-        "decoding": mode
-    }
+    assert causal_lm._compiled_decoding_step.mode == mode
     # Compiling again without it goes back to eager steps.
     causal_lm.compile(sampler="greedy")
-    step = causal_lm._compiled_step("decoding", causal_lm.call_with_cache)
-    assert step == causal_lm.call_with_cache
+    assert causal_lm._decoding_step() == causal_lm.call_with_cache
 
 
 @pytest.mark.skipif(
@@ -301,10 +297,7 @@ def test_torch_compiled_bfloat16_step_is_one_graph_with_eager_logits(
         _, cache = causal_lm._build_cache(ids, lengths, features)
         padding = ops.convert_to_tensor(x["padding_mask"])
         steps = []
-        compiled = causal_lm._compiled_step(
-            "decoding", causal_lm.call_with_cache
-        )
-        for step in (causal_lm.call_with_cache, compiled):
+        for step in (causal_lm.call_with_cache, causal_lm._decoding_step()):
             # As `generate_step` calls it: the position as a tensor, the
             # prompt's positions left as the prompt's pass wrote them.
             logits = [
@@ -355,7 +348,7 @@ def test_torch_compiled_generation_follows_lora():
         if "lora_kernel" in variable.path:
             variable.assign(rng.normal(0, 0.5, variable.shape))
     lora = tokens()
-    assert causal_lm._compiled_steps["decoding"].mode != "eager"
+    assert causal_lm._compiled_decoding_step.mode != "eager"
     assert (lora != before).any()  # the adapters change the tokens
     causal_lm.compile(sampler="greedy")  # eager
     np.testing.assert_array_equal(lora, tokens())
