@@ -360,14 +360,14 @@ def test_torch_compiled_generation_follows_lora():
 def test_torch_compiled_step_falls_back():
     """A step that breaks the graph runs eagerly; one past the
     recompilation limit under a plain `torch.compile` (every guard on
-    every call); both still give their values."""
+    every call); both still give their values. A PyTorch without
+    `isolate_recompiles` runs every step under a plain `torch.compile`."""
     import torch
     import torch._dynamo
 
     from keras_qwenvl import torch_decoding
 
-    if not torch_decoding._SUPPORTED:
-        pytest.skip("this PyTorch has no per-call recompilation entries")
+    whole = torch_decoding._SUPPORTED
     compiling = []
 
     def broken(x):
@@ -382,8 +382,9 @@ def test_torch_compiled_step_falls_back():
     calls = torch_decoding.GUARDED_STEPS + 2
     for _ in range(calls):
         torch.testing.assert_close(run(x), x * 2 + 1)
-    assert step.mode == "eager"
-    assert compiling == [False] * calls
+    assert step.mode == ("eager" if whole else "guarded")
+    if whole:
+        assert compiling == [False] * calls
 
     def size_plus_sum(x):
         return x.sum() + x.shape[0]
@@ -396,4 +397,5 @@ def test_torch_compiled_step_falls_back():
             for _ in range(torch_decoding.GUARDED_STEPS + 1):
                 assert float(run(torch.ones(n))) == 2 * n
             modes.append(step.mode)
-    assert modes[0] == "whole graph" and modes[-1] == "guarded"
+    assert modes[0] == ("whole graph" if whole else "guarded")
+    assert modes[-1] == "guarded"
