@@ -392,11 +392,9 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
                 and, for a multimodal backbone, `images` (b, m, S, S, 3).
             stop_token_ids: tuple of ids that end a sequence, or None.
         """
-        token_ids = ops.convert_to_tensor(inputs["token_ids"])
+        token_ids = inputs["token_ids"]
         padding_mask = ops.cast(inputs["padding_mask"], "bool")
         images = inputs.get("images")
-        if images is not None:
-            images = ops.convert_to_tensor(images)
         prompt_lengths = ops.sum(ops.cast(padding_mask, "int32"), axis=1)
         # Compiled by Dynamo too, the prefill took the first token from 217
         # to 165-173 ms at the benchmark's "small" size (2-core CPU), but
