@@ -318,8 +318,8 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
             image_features,
             cache_update_mask,
         )
-        logits = self.backbone.token_embedding(hidden_states, reverse=True)
-        return logits, hidden_states, cache
+        head = self.backbone.token_embedding
+        return head.decoding_logits(hidden_states), hidden_states, cache
 
     def _hidden_states_with_cache(
         self,

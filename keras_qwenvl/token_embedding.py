@@ -4,7 +4,7 @@ import keras
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
-from keras_qwenvl import int8_logits
+from keras_qwenvl import narrow_logits
 from keras_qwenvl.ordering import after
 
 if keras.config.backend() == "torch":
@@ -37,7 +37,7 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
     Quantized to int8 (`quantize("int8")`, the parent's quantization), the
     untied lm_head's table is kept by vocabulary rows, (vocabulary,
     hidden), as the embedding's is, rather than the parent's (hidden,
-    vocabulary), and the lm_head's int8 product is `int8_logits.product`:
+    vocabulary), and the lm_head's int8 product is `narrow_logits.product`:
     the same logits, several times faster on CPU (see there).
     """
 
@@ -102,7 +102,7 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
         table = ops.convert_to_tensor(table)
         if self.inputs_quantizer:
             inputs, inputs_scale = self.inputs_quantizer(inputs)
-            logits = int8_logits.product(inputs, table)
+            logits = narrow_logits.product(inputs, table)
         else:
             inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
             logits = ops.matmul(inputs, ops.transpose(table))
@@ -112,6 +112,23 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
             cap = self.logit_soft_cap
             logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
         return logits
+
+    def decoding_logits(self, hidden_states):
+        """The lm_head's logits for a call that needs no gradient with
+        respect to the table (the cached passes of generation).
+
+        The same as `self(hidden_states, reverse=True)`; with a bfloat16
+        table on JAX on CPU and a few rows of hidden states (a decoding
+        step), through `narrow_logits.bfloat16_product`, which reads the
+        16-bit table where XLA's product would read a float32 copy.
+        """
+        kernel = self._plain_reverse_kernel()
+        if kernel is not None and narrow_logits.bfloat16_applies(
+            hidden_states, kernel
+        ):
+            logits = narrow_logits.bfloat16_product(hidden_states, kernel)
+            return ops.cast(logits, self.compute_dtype)
+        return self(hidden_states, reverse=True)
 
     def _plain_reverse_kernel(self):
         """The (hidden, vocabulary) kernel of a reverse call that is a
@@ -140,6 +157,13 @@ def _jax_lookup(table, ids):
             flat_ids = ids.reshape(-1)
             return (zeros.at[flat_ids].add(rows_gradient.astype(table.dtype)),)
 
-        return jnp.take(table, ids, axis=0), gradient
+        if table.dtype != jnp.bfloat16:
+            return jnp.take(table, ids, axis=0), gradient
+        # The rows of a bfloat16 table are gathered as 16-bit integers:
+        # gathered as floats, XLA widened the whole table to float32
+        # first, out of the decoding loop (a float32 copy per call).
+        bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+        rows = jnp.take(bits, ids, axis=0)
+        return jax.lax.bitcast_convert_type(rows, jnp.bfloat16), gradient
 
     return lookup(table)

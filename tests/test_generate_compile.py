@@ -399,3 +399,54 @@ def test_torch_compiled_step_falls_back():
             modes.append(step.mode)
     assert modes[0] == ("whole graph" if whole else "guarded")
     assert modes[-1] == "guarded"
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="inspects XLA's compiled loop"
+)
+def test_bfloat16_generation_keeps_no_float32_table(monkeypatch):
+    """A bfloat16 model's compiled generation holds no float32 copy of the
+    (vocabulary, hidden) tables: the lm_head reads its 16-bit table a block
+    at a time and the lookup gathers 16-bit rows (as floats, XLA widened
+    both whole tables out of the decoding loop, so that every step read
+    float32). It generates the same tokens as without those paths."""
+    import re
+
+    import jax
+
+    from keras_qwenvl import narrow_logits
+
+    # 1,000 x 64 tables in blocks of 50 vocabulary rows.
+    monkeypatch.setattr(narrow_logits, "BLOCK_BYTES", 4 * 64 * 50)
+    backbone = tiny_backbone(
+        vision=False, dtype="bfloat16", vocabulary_size=1000,
+        hidden_dim=64, num_heads=4,
+    )
+    causal_lm = QwenVLCausalLM(backbone)
+    variables = (
+        causal_lm.trainable_variables + causal_lm.non_trainable_variables
+    )
+    values = [v.value for v in variables]
+    ids = np.zeros((1, 24), "int32")
+    ids[:, :5] = [3, 4, 5, 6, 7]
+    inputs = {"token_ids": ids, "padding_mask": ids != 0}
+
+    def compiled():
+        # A new function each time: JAX reuses the trace of one it has seen.
+        def generate(values, inputs):
+            mapping = list(zip(variables, values))
+            with keras.StatelessScope(state_mapping=mapping):
+                return causal_lm.generate_step(inputs)["token_ids"]
+
+        causal_lm.compile(sampler="greedy")
+        function = jax.jit(generate)
+        text = function.lower(values, inputs).compile().as_text()
+        tables = set(re.findall(r"f32\[(?:1000,64|64,1000)\]", text))
+        return tables, np.asarray(function(values, inputs))
+
+    tables, tokens = compiled()
+    assert not tables
+    monkeypatch.setattr(narrow_logits, "BFLOAT16_MAX_ROWS", 0)
+    tables, plain_tokens = compiled()
+    assert tables  # XLA's product widens the lm_head's table
+    np.testing.assert_array_equal(tokens, plain_tokens)

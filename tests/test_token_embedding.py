@@ -216,13 +216,13 @@ def count_int8_products(monkeypatch):
     """Counts the int8 lm_head products by the path each backend takes on
     CPU: `torch._int_mm` on PyTorch, the blocked loop on JAX and
     TensorFlow."""
-    from keras_qwenvl import int8_logits
+    from keras_qwenvl import narrow_logits
 
     if keras.backend.backend() == "torch":
         import torch
 
         return count_calls(monkeypatch, torch, "_int_mm")
-    return count_calls(monkeypatch, int8_logits, "_blocked_product")
+    return count_calls(monkeypatch, narrow_logits, "_blocked_product")
 
 
 @pytest.mark.parametrize(
@@ -237,11 +237,11 @@ def test_int8_lm_head_is_keras_hubs(
     tied, soft_cap, vocabulary, block_bytes, monkeypatch
 ):
     """The int8 lm_head (the untied table laid out by vocabulary rows, the
-    product by `int8_logits`) gives keras-hub's int8 logits."""
-    from keras_qwenvl import int8_logits
+    product by `narrow_logits`) gives keras-hub's int8 logits."""
+    from keras_qwenvl import narrow_logits
 
     if block_bytes is not None:
-        monkeypatch.setattr(int8_logits, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(narrow_logits, "BLOCK_BYTES", block_bytes)
     kwargs = dict(tie_weights=tied, logit_soft_cap=soft_cap)
     layer = QwenVLTokenEmbedding(vocabulary, 8, **kwargs)
     layer.build()
@@ -272,8 +272,8 @@ def test_int8_blocks_divide_the_vocabulary():
     """Blocks divide the vocabulary where a divisor near the cache-sized
     block exists (one loop, no remainder product), each block's float32
     copy within `BLOCK_BYTES` and at least a quarter of it."""
-    from keras_qwenvl.int8_logits import BLOCK_BYTES
-    from keras_qwenvl.int8_logits import block_rows
+    from keras_qwenvl.narrow_logits import BLOCK_BYTES
+    from keras_qwenvl.narrow_logits import block_rows
 
     for vocabulary, hidden in ((151936, 512), (151936, 4096), (32000, 4096)):
         rows = block_rows(vocabulary, hidden)
@@ -312,4 +312,75 @@ def test_int8_model_saves_and_loads(tmp_path):
     np.testing.assert_array_equal(
         to_np(loaded_head(hidden[0], reverse=True)),
         to_np(head(hidden[0], reverse=True)),
+    )
+
+
+# === bfloat16 tables: the lm_head's product and the lookup on JAX ===
+
+
+@pytest.mark.parametrize("tied, rows", [(False, 1), (True, 3), (False, 9)])
+def test_bfloat16_decoding_logits_are_the_tables_product(
+    tied, rows, monkeypatch
+):
+    """`decoding_logits` of a bfloat16 table: the float32 product of the
+    bfloat16 values, rounded to bfloat16. On JAX, up to
+    `BFLOAT16_MAX_ROWS` rows, through `bfloat16_product` (here 7 blocks of
+    7 vocabulary rows and a remainder of 4); elsewhere the layer's reverse
+    call."""
+    from keras import ops
+
+    from keras_qwenvl import narrow_logits
+
+    monkeypatch.setattr(narrow_logits, "BLOCK_BYTES", 4 * 8 * 7)
+    calls = count_calls(monkeypatch, narrow_logits, "bfloat16_product")
+    layer = QwenVLTokenEmbedding(53, 8, tie_weights=tied, dtype="bfloat16")
+    layer.build()
+    hidden = np.random.default_rng(4).normal(size=(rows, 1, 8)) * 4
+    hidden = ops.cast(hidden.astype("float32"), "bfloat16")
+    logits = layer.decoding_logits(hidden)
+    assert keras.backend.standardize_dtype(logits.dtype) == "bfloat16"
+    assert tuple(logits.shape) == (rows, 1, 53)
+    kernel = to_np(ops.cast(layer._plain_reverse_kernel(), "float32"))
+    expected = to_np(ops.cast(hidden, "float32")) @ kernel
+    taken = keras.backend.backend() == "jax" and rows <= 8
+    assert len(calls) == int(taken)
+    np.testing.assert_allclose(
+        to_np(ops.cast(logits, "float32")), expected,
+        rtol=2.0**-8 if taken else 2.0**-6,
+        atol=1e-6 if taken else 2.0**-6 * np.abs(expected).max(),
+    )
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="JAX's bfloat16 paths"
+)
+def test_bfloat16_bits_widen_and_gather_exactly():
+    """The 16 bits of bfloat16 values, widened by `narrow_logits`' shift,
+    are the values in float32, bit for bit (signed zeros, subnormals,
+    infinities, NaN); and the table lookup gathers bfloat16 rows (as
+    16-bit integers) that are the table's."""
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from keras_qwenvl import narrow_logits
+
+    values = np.array(
+        [0.0, -0.0, 1.0, -1.5, 3.14159, 1e-39, -3e-40, 65504.0, 3e38,
+         np.inf, -np.inf, np.nan], "float32",
+    ).astype(ml_dtypes.bfloat16)
+    widened = narrow_logits._bfloat16_bits_to_float32(
+        jnp.asarray(values.view(np.uint16))
+    )
+    np.testing.assert_array_equal(
+        np.asarray(widened).view(np.uint32),
+        values.astype("float32").view(np.uint32),
+    )
+    layer = QwenVLTokenEmbedding(50, 8, dtype="bfloat16")
+    layer.build()
+    ids = np.array([[3, 49, 0], [7, 7, 12]], "int32")
+    rows = layer(ids)
+    assert rows.dtype == jnp.bfloat16
+    table = np.asarray(layer.embeddings.value)
+    np.testing.assert_array_equal(
+        np.asarray(rows).view(np.uint16), table[ids].view(np.uint16)
     )

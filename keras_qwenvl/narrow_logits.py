@@ -1,0 +1,156 @@
+"""The lm_head's products with narrow tables (int8, bfloat16) on CPU.
+
+int8 (`product`), on every backend. Keras' int8 lm_head multiplies int8
+activations by the int8 table with `ops.matmul`, which on CPU is the
+slowest product of a decoding step: XLA (JAX, TensorFlow) multiplies int8
+by int8 into int32 without vector instructions, or hoists a float32 copy
+of the table out of the decoding loop and reads that at every step, and
+PyTorch converts both operands to float32 at every call (105 ms for
+Qwen's 151,936 x 512 table on the 2-core benchmark machine). Here the
+table is laid out by vocabulary rows, (vocabulary, hidden), and
+
+- PyTorch multiplies with `torch._int_mm` (int8 x int8 into int32, exact);
+- JAX and TensorFlow convert one block of rows at a time to float32 and
+  multiply it, inside a loop, so that a step reads the int8 table once
+  and each block's float32 copy stays in cache; the products are exact
+  integers while hidden x 127 x 127 < 2 ** 24 (hidden <= 1,040), and
+  within float32 rounding beyond.
+
+Off CPU, the product is Keras' `ops.matmul`.
+
+bfloat16 (`bfloat16_product`), JAX on CPU, in generation. XLA's CPU
+products take a bfloat16 table against one row of activations by
+widening the whole table to float32 first, and inside `generate`'s loop
+that widening is hoisted out of the loop: every step reads a float32
+copy, as many bytes as a float32 model's. Here the table's bits are read
+as 16-bit integers (which XLA cannot widen as floats), and each block of
+vocabulary rows is widened in cache by a shift of those bits, exact: a
+step reads the 16-bit table once, half float32's bytes (the "small"
+benchmark's lm_head: 4.8 against 9.6 ms a step on F). The bits have no
+gradient with respect to the table, so only calls that need none (the
+cached passes of generation) take this path.
+"""
+
+import keras
+from keras import ops
+
+# Bytes of one block's float32 copy (JAX, TensorFlow): small enough to
+# stay in a core's cache between its conversion and its product.
+BLOCK_BYTES = 1 << 22
+
+
+def _on_cpu(table):
+    backend = keras.config.backend()
+    if backend == "torch":
+        return table.device.type == "cpu"
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not tf.config.list_logical_devices("GPU")
+    return False
+
+
+def product(inputs, table):
+    """`inputs @ table.T` for int8 inputs (..., hidden) and an int8 table
+    (vocabulary, hidden): int32 (PyTorch and off CPU) or float32 holding
+    the integer products."""
+    if not _on_cpu(table):
+        return ops.matmul(inputs, ops.transpose(table))
+    if keras.config.backend() == "torch":
+        import torch
+
+        rows = inputs.reshape(-1, inputs.shape[-1])
+        out = torch._int_mm(rows, table.t())
+        return out.reshape(*inputs.shape[:-1], table.shape[0])
+    return _blocked_product(inputs, table)
+
+
+def block_rows(vocabulary, hidden):
+    """Rows of the table per block: the largest divisor of the vocabulary
+    whose float32 copy fits `BLOCK_BYTES`, so that all blocks are one
+    loop's (Qwen's 151,936 = 128 x 1,187: blocks of 1,187 rows at hidden
+    512); a vocabulary without such a divisor of at least a quarter of
+    that size is cut into blocks of that size and a remainder, multiplied
+    after the loop."""
+    most = max(1, min(vocabulary, BLOCK_BYTES // (4 * hidden)))
+    for rows in range(most, most // 4, -1):
+        if vocabulary % rows == 0:
+            return rows
+    return most
+
+
+def _to_float32(block):
+    return ops.cast(block, "float32")
+
+
+def _blocked_product(inputs, table, widen=_to_float32):
+    """`inputs @ widen(table).T`, `widen` applied a block of rows at a
+    time inside a loop."""
+    vocabulary, hidden = table.shape
+    lead = ops.shape(inputs)[:-1]
+    rows = ops.cast(ops.reshape(inputs, (-1, hidden)), "float32")
+    block = block_rows(vocabulary, hidden)
+    blocks = vocabulary // block
+
+    def one_block(rows_of_table):
+        return ops.matmul(
+            rows, ops.transpose(widen(rows_of_table))
+        )
+
+    def block_at(index):
+        start = ops.multiply(index, block)
+        return one_block(ops.slice(table, (start, 0), (block, hidden)))
+
+    # A loop over block indices: the table is sliced inside it, never
+    # split into a stacked copy (TensorFlow's `map_fn` over the table
+    # itself copied all of it at every step).
+    out = ops.map(block_at, ops.arange(blocks, dtype="int32"))
+    out = ops.reshape(ops.transpose(out, (1, 0, 2)), (-1, blocks * block))
+    if blocks * block < vocabulary:
+        out = ops.concatenate([out, one_block(table[blocks * block :])], -1)
+    return ops.reshape(out, (*lead, vocabulary))
+
+
+# Rows of activations (batch x positions) up to which `bfloat16_product`
+# is taken. It widens the table block by block at every call, a cost that
+# more rows do not share: at the "small" benchmark's sizes on F its
+# decoding step was 1.4x faster than XLA's at batch 1, 1.2x at 2 and as
+# fast at 4 and 8.
+BFLOAT16_MAX_ROWS = 8
+
+
+def bfloat16_applies(inputs, kernel):
+    """Whether `bfloat16_product` computes `inputs @ kernel` here: JAX on
+    CPU, a bfloat16 kernel, at most `BFLOAT16_MAX_ROWS` rows."""
+    if keras.config.backend() != "jax":
+        return False
+    if keras.backend.standardize_dtype(kernel.dtype) != "bfloat16":
+        return False
+    rows = 1
+    for size in inputs.shape[:-1]:
+        rows *= size
+    return rows <= BFLOAT16_MAX_ROWS and _on_cpu(kernel)
+
+
+def bfloat16_product(inputs, kernel):
+    """`inputs @ kernel` for a bfloat16 kernel (hidden, vocabulary), in
+    float32 from the exactly widened kernel (JAX; see the module's
+    docstring). No gradient with respect to `kernel`."""
+    from jax import lax
+    import jax.numpy as jnp
+
+    bits = lax.bitcast_convert_type(ops.transpose(kernel), jnp.uint16)
+    return _blocked_product(inputs, bits, widen=_bfloat16_bits_to_float32)
+
+
+def _bfloat16_bits_to_float32(bits):
+    """bfloat16 values from their 16 bits: the upper half of float32's."""
+    from jax import lax
+    import jax.numpy as jnp
+
+    wide = lax.shift_left(bits.astype(jnp.uint32), jnp.uint32(16))
+    return lax.bitcast_convert_type(wide, jnp.float32)
