@@ -10,7 +10,10 @@ Sharding rules: `LAYOUT_RULES` names every weight of the vision encoder,
 the adapter and the decoder by a regular expression on its `variable.path`
 and says which dimension is split over the mesh's model axis: attention
 heads, MLP hidden units and the vocabulary. Every other dimension, and
-every weight whose rule says `()`, is replicated.
+every weight whose rule says `()`, is replicated. A model quantized with
+`quantize("int8")` is covered too: its scales are split as their
+kernels' outputs, and the untied lm_head's int8 table, kept by vocabulary
+rows, stays split over the vocabulary.
 
 Two guarantees on top of a plain `keras.distribution.LayoutMap`:
 - `check_layout_map` raises a `ValueError` naming every weight of a model
@@ -38,6 +41,7 @@ with distribution.scope():
 
 import contextlib
 import math
+import re
 
 import keras
 
@@ -86,7 +90,41 @@ LAYOUT_RULES = (
     (_ANY + "proj/kernel", ()),
     # LoRA adapters (`keras_qwenvl.training.enable_lora`): small, replicated.
     (_ANY + "lora_kernel_(a|b)", ()),
+    # int8 scales (`quantize("int8")`), split as their kernels' output
+    # dimension: one per vocabulary row of either table; (1, 1, heads,
+    # head_dim) for query/key/value, (1, 1, hidden) after attention;
+    # (units,) for Dense layers.
+    (_ANY + "token_embedding/(embeddings|reverse_embeddings)_scale",
+     (MODEL,)),
+    (_ANY + "attention/(query|key|value)/kernel_scale",
+     (None, None, MODEL, None)),
+    (_ANY + "attention/attention_output/kernel_scale", ()),
+    (_ANY + "(feedforward_(intermediate|gate)_dense|mlp_fc)/kernel_scale",
+     (MODEL,)),
+    (_ANY + "(feedforward_output_dense|mlp_proj)/kernel_scale", ()),
+    (_ANY + "(adapter/kv_proj|proj)/kernel_scale", ()),
 )
+
+# Weights that `quantize("int8")` stores transposed, whose rule's axes
+# apply reversed to their int8 version: the untied lm_head's table, kept
+# by vocabulary rows, (vocabulary, hidden) (`QwenVLTokenEmbedding`), so
+# that it stays split over the vocabulary.
+TRANSPOSED_WHEN_INT8 = (_ANY + "token_embedding/reverse_embeddings",)
+
+
+def rule_axes(layout_map, variable):
+    """The axes of `layout_map`'s rule for `variable` (before
+    `resolve_axes`), or None where no rule matches it."""
+    layout = layout_map[variable.path]
+    if layout is None:
+        return None
+    axes = tuple(layout.axes)
+    if keras.backend.standardize_dtype(variable.dtype) == "int8" and any(
+        re.fullmatch(pattern, variable.path)
+        for pattern in TRANSPOSED_WHEN_INT8
+    ):
+        axes = axes[::-1]
+    return axes
 
 
 def get_layout_map(
@@ -182,7 +220,9 @@ class QwenVLModelParallel(keras.distribution.ModelParallel):
     dimension the rule splits over an axis that does not divide it is
     replicated for that variable. Variables matching no rule (optimizer
     step counters, seed generator states) are replicated, as in
-    `ModelParallel`. JAX only, like `keras.distribution`.
+    `ModelParallel`. A weight that `quantize("int8")` stores transposed
+    (the untied lm_head's table, `TRANSPOSED_WHEN_INT8`) takes its rule's
+    axes reversed. JAX only, like `keras.distribution`.
 
     Args:
         layout_map: a `keras.distribution.LayoutMap`, e.g. from
@@ -199,10 +239,11 @@ class QwenVLModelParallel(keras.distribution.ModelParallel):
     def get_variable_layout(self, variable):
         if getattr(variable, "_layout", None) is not None:
             return variable._layout
-        layout = self._layout_map[variable.path]
-        axes = () if layout is None else layout.axes
+        axes = rule_axes(self._layout_map, variable)
         return keras.distribution.TensorLayout(
-            resolve_axes(axes, variable.shape, self.device_mesh, variable.path),
+            resolve_axes(
+                axes or (), variable.shape, self.device_mesh, variable.path
+            ),
             self.device_mesh,
         )
 
@@ -226,12 +267,12 @@ def check_layout_map(layout_map, model):
     """
     layouts, uncovered = {}, []
     for weight in model.weights:
-        layout = layout_map[weight.path]
-        if layout is None:
+        axes = rule_axes(layout_map, weight)
+        if axes is None:
             uncovered.append(f"{weight.path} {tuple(weight.shape)}")
             continue
         layouts[weight.path] = resolve_axes(
-            layout.axes, weight.shape, layout_map.device_mesh, weight.path
+            axes, weight.shape, layout_map.device_mesh, weight.path
         )
     if uncovered:
         raise ValueError(

@@ -143,7 +143,11 @@ def specs(variables):
     for v in variables:
         spec = list(v.value.sharding.spec)
         spec += [None] * (len(v.shape) - len(spec))
-        out[v.path] = {"shape": list(v.shape), "spec": spec}
+        out[v.path] = {
+            "shape": list(v.shape),
+            "spec": spec,
+            "dtype": keras.backend.standardize_dtype(v.dtype),
+        }
     return out
 
 
@@ -204,6 +208,25 @@ def main(path):
             "logits_max_abs_diff": float(np.max(np.abs(logits - mesh_logits))),
             "tokens_equal": bool(np.array_equal(tokens, mesh_tokens)),
             "has_preprocessor": model.preprocessor is not None,
+            "specs": specs(model.backbone.weights),
+        }
+
+    # int8: quantized on one device and under a 2 x 4 mesh.
+    quantized = QwenVLCausalLM.from_preset(preset)
+    quantized.quantize("int8")
+    int8_logits = np.asarray(quantized(batch[0]))
+    int8_tokens = bare_generate(quantized, prompts)
+    with model_parallel((2, 4)).scope():
+        model = QwenVLCausalLM.from_preset(preset)
+        model.quantize("int8")
+        mesh_logits = np.asarray(model(batch[0]))
+        results["int8"] = {
+            "tokens_equal": bool(
+                np.array_equal(int8_tokens, bare_generate(model, prompts))
+            ),
+            "logits_max_abs_diff": float(
+                np.max(np.abs(int8_logits - mesh_logits))
+            ),
             "specs": specs(model.backbone.weights),
         }
 

@@ -18,6 +18,7 @@ import sys
 import keras
 import pytest
 
+from keras_qwenvl import QwenVLCausalLM
 from keras_qwenvl.backbone import QwenVLBackbone
 from keras_qwenvl.convert import convert_backbone_config
 from keras_qwenvl.distribution import LAYOUT_RULES
@@ -55,6 +56,15 @@ SHARDED_DIM = {
     "mlp_fc/kernel": 1,
     "mlp_fc/bias": 0,
     "mlp_proj/kernel": 0,
+    # int8 scales (`quantize("int8")`)
+    "token_embedding/embeddings_scale": 0,
+    "token_embedding/reverse_embeddings_scale": 0,
+    "query/kernel_scale": 2,
+    "key/kernel_scale": 2,
+    "value/kernel_scale": 2,
+    "feedforward_intermediate_dense/kernel_scale": 0,
+    "feedforward_gate_dense/kernel_scale": 0,
+    "mlp_fc/kernel_scale": 0,
 }
 
 
@@ -64,11 +74,13 @@ def cpu_mesh(shape):
     return keras.distribution.DeviceMesh(shape, ("batch", "model"), devices)
 
 
-def expected_spec(path, shape, model_size):
+def expected_spec(path, shape, model_size, dtype="float32"):
     """What the rules mean for one weight, written out independently."""
     spec = [None] * len(shape)
     ending = "/".join(path.split("/")[-2:])
     dim = SHARDED_DIM.get(ending)
+    if ending == "token_embedding/reverse_embeddings" and dtype == "int8":
+        dim = 0  # the int8 lm_head's table is kept (vocabulary, hidden)
     if dim is not None and shape[dim] % model_size == 0:
         spec[dim] = "model"
     return spec
@@ -131,7 +143,27 @@ def test_weights_are_sharded_as_their_rules_say(measured, mesh):
             path, entry["shape"], model_size
         ), path
     split = [p for p, e in specs.items() if "model" in e["spec"]]
-    assert len(split) >= len(SHARDED_DIM)  # sharding really happened
+    assert len(split) >= len(SHARDED_DIM) - 8  # sharding really happened
+
+
+def test_int8_model_under_model_parallel(measured):
+    """Quantized under a 2 x 4 mesh, a model generates the single-device
+    int8 model's tokens and logits, its int8 weights and scales laid out
+    as the rules say: the untied lm_head's table, kept by vocabulary
+    rows, split over the vocabulary."""
+    result = measured["int8"]
+    assert result["tokens_equal"]
+    assert result["logits_max_abs_diff"] <= TOLERANCE
+    specs = result["specs"]
+    for path, entry in specs.items():
+        assert entry["spec"] == expected_spec(
+            path, entry["shape"], 4, entry["dtype"]
+        ), path
+    table = specs["token_embedding/reverse_embeddings"]
+    assert table["dtype"] == "int8"
+    assert table["spec"] == ["model", None]
+    scales = [p for p, e in specs.items() if p.endswith("_scale")]
+    assert any("model" in specs[p]["spec"] for p in scales)
 
 
 def test_undivisible_dimension_falls_back_to_replication(measured):
@@ -207,11 +239,14 @@ def test_rules_cover_every_weight_of_every_variant():
     layout_map = get_layout_map(cpu_mesh((2, 4)))
     lora = tiny_backbone()
     enable_lora(lora, rank=2)
+    quantized = tiny_backbone()
+    QwenVLCausalLM(quantized).quantize("int8")
     variants = [
         tiny_backbone(),
         tiny_backbone(vision=False),
         tiny_backbone(vision=False, tie_word_embeddings=True),
         lora,
+        quantized,
     ]
     used = set()
     for model in variants:
@@ -221,7 +256,8 @@ def test_rules_cover_every_weight_of_every_variant():
             if "lora_kernel" in weight.path:
                 assert layouts[weight.path] == (None,) * len(weight.shape)
             else:
-                want = expected_spec(weight.path, weight.shape, 4)
+                dtype = keras.backend.standardize_dtype(weight.dtype)
+                want = expected_spec(weight.path, weight.shape, 4, dtype)
                 assert list(layouts[weight.path]) == want, weight.path
             used |= {
                 pattern
