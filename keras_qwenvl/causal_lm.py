@@ -295,6 +295,10 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
     ):
         """Forward `token_ids` (b, t) placed at `cache_update_index`.
 
+        For generation: the logits come from the lm_head's
+        `decoding_logits`, which with a bfloat16 table on JAX's CPU have
+        no gradient with respect to that table.
+
         Args:
             cache: tuple over layers of (key, value): keys
                 (b * num_heads, head_dim, max_length), values
