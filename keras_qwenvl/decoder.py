@@ -13,6 +13,7 @@ import numpy as np
 from keras import ops
 from keras_hub.src.utils.keras_utils import clone_initializer
 
+from keras_qwenvl import narrow_products
 from keras_qwenvl.initializers import projection_initializer
 from keras_qwenvl.remat import rematerialized_call
 from keras_qwenvl.softmax import attention_softmax
@@ -55,6 +56,16 @@ class QwenVLRMSNorm(keras.layers.Layer):
 # both operands as they are laid out. Spelt "btnh,nhd->btd", XLA's CPU
 # compiler copied the kernel transposed at every call (every decoding step).
 HEADS_TO_HIDDEN = "bthk,hkd->btd"
+
+
+def project(layer, x, cached):
+    """`layer(x)` for a projection of a decoder block. In a cached pass
+    (generation) of a few rows with bfloat16 kernels on JAX's CPU, through
+    `narrow_products.bfloat16_projection`, which reads the kernel's 16 bits
+    where XLA's product would read a float32 copy."""
+    if cached and narrow_products.bfloat16_projection_applies(layer, x):
+        return narrow_products.bfloat16_projection(layer, x)
+    return layer(x)
 
 
 def ntk_alpha_index(lengths, seq_length):
@@ -321,9 +332,12 @@ class QwenVLAttention(keras.layers.Layer):
             ntk_index = ntk_alpha_index(prompt_lengths, self.seq_length)
         else:
             ntk_index = ops.ones_like(ops.cast(prompt_lengths, "int32"))
-        query = self._rotate(self.query(x), positions, ntk_index)
-        key = self._rotate(self.key(x), positions, ntk_index)
-        value = self.value(x)
+        cached = cache is not None
+        query = self._rotate(
+            project(self.query, x, cached), positions, ntk_index
+        )
+        key = self._rotate(project(self.key, x, cached), positions, ntk_index)
+        value = project(self.value, x, cached)
         if cache is not None:
             key, value = update_cache(
                 cache, key, value, cache_update_index, cache_update_mask
@@ -339,9 +353,8 @@ class QwenVLAttention(keras.layers.Layer):
                 ops.ones_like(p),
             )
             query = query * ops.cast(logn[:, :, None, None], query.dtype)
-        cached = cache is not None
         out = self._attend(query, key, value, attention_mask, training, cached)
-        out = self.attention_output(out)
+        out = project(self.attention_output, out, cached)
         if cache is not None:
             return out, cache
         return out
@@ -534,11 +547,13 @@ class QwenVLDecoderBlock(keras.layers.Layer):
             attended, cache = attended
         x = x + self.dropout_layer(attended, training=training)
         h = self.pre_mlp_norm(x)
-        h = self.feedforward_intermediate_dense(h) * ops.silu(
-            self.feedforward_gate_dense(h)
+        cached = cache is not None
+        h = project(self.feedforward_intermediate_dense, h, cached) * ops.silu(
+            project(self.feedforward_gate_dense, h, cached)
         )
         x = x + self.dropout_layer(
-            self.feedforward_output_dense(h), training=training
+            project(self.feedforward_output_dense, h, cached),
+            training=training,
         )
         if cache is not None:
             return x, cache

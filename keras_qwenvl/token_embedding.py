@@ -4,7 +4,7 @@ import keras
 from keras import ops
 from keras_hub.layers import ReversibleEmbedding
 
-from keras_qwenvl import narrow_logits
+from keras_qwenvl import narrow_products
 from keras_qwenvl.ordering import after
 
 if keras.config.backend() == "torch":
@@ -37,7 +37,7 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
     Quantized to int8 (`quantize("int8")`, the parent's quantization), the
     untied lm_head's table is kept by vocabulary rows, (vocabulary,
     hidden), as the embedding's is, rather than the parent's (hidden,
-    vocabulary), and the lm_head's int8 product is `narrow_logits.product`:
+    vocabulary), and the lm_head's int8 product is `narrow_products.product`:
     the same logits, several times faster on CPU (see there).
     """
 
@@ -102,7 +102,7 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
         table = ops.convert_to_tensor(table)
         if self.inputs_quantizer:
             inputs, inputs_scale = self.inputs_quantizer(inputs)
-            logits = narrow_logits.product(inputs, table)
+            logits = narrow_products.product(inputs, table)
         else:
             inputs_scale = ops.ones((1,), dtype=self.compute_dtype)
             logits = ops.matmul(inputs, ops.transpose(table))
@@ -119,14 +119,14 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
 
         The same as `self(hidden_states, reverse=True)`; with a bfloat16
         table on JAX on CPU and a few rows of hidden states (a decoding
-        step), through `narrow_logits.bfloat16_product`, which reads the
+        step), through `narrow_products.bfloat16_product`, which reads the
         16-bit table where XLA's product would read a float32 copy.
         """
         kernel = self._plain_reverse_kernel()
-        if kernel is not None and narrow_logits.bfloat16_applies(
+        if kernel is not None and narrow_products.bfloat16_applies(
             hidden_states, kernel
         ):
-            logits = narrow_logits.bfloat16_product(hidden_states, kernel)
+            logits = narrow_products.bfloat16_product(hidden_states, kernel)
             return ops.cast(logits, self.compute_dtype)
         return self(hidden_states, reverse=True)
 

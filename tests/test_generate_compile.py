@@ -406,18 +406,20 @@ def test_torch_compiled_step_falls_back():
 )
 def test_bfloat16_generation_keeps_no_float32_table(monkeypatch):
     """A bfloat16 model's compiled generation holds no float32 copy of the
-    (vocabulary, hidden) tables: the lm_head reads its 16-bit table a block
-    at a time and the lookup gathers 16-bit rows (as floats, XLA widened
-    both whole tables out of the decoding loop, so that every step read
-    float32). It generates the same tokens as without those paths."""
+    (vocabulary, hidden) tables, and its decoding loop carries none of the
+    blocks' kernels: the lm_head reads its 16-bit table a block at a
+    time, the lookup gathers 16-bit rows and the blocks' projections widen
+    their kernels' bits inside each step (as floats, XLA widened tables
+    and kernels out of the loop, so that every step read float32). It
+    generates the same tokens as without those paths."""
     import re
 
     import jax
 
-    from keras_qwenvl import narrow_logits
+    from keras_qwenvl import narrow_products
 
     # 1,000 x 64 tables in blocks of 50 vocabulary rows.
-    monkeypatch.setattr(narrow_logits, "BLOCK_BYTES", 4 * 64 * 50)
+    monkeypatch.setattr(narrow_products, "BLOCK_BYTES", 4 * 64 * 50)
     backbone = tiny_backbone(
         vision=False, dtype="bfloat16", vocabulary_size=1000,
         hidden_dim=64, num_heads=4,
@@ -427,6 +429,10 @@ def test_bfloat16_generation_keeps_no_float32_table(monkeypatch):
         causal_lm.trainable_variables + causal_lm.non_trainable_variables
     )
     values = [v.value for v in variables]
+    smallest_kernel = min(
+        int(np.prod(v.shape)) for v in backbone.weights
+        if v.path.endswith("/kernel")
+    )
     ids = np.zeros((1, 24), "int32")
     ids[:, :5] = [3, 4, 5, 6, 7]
     inputs = {"token_ids": ids, "padding_mask": ids != 0}
@@ -442,11 +448,21 @@ def test_bfloat16_generation_keeps_no_float32_table(monkeypatch):
         function = jax.jit(generate)
         text = function.lower(values, inputs).compile().as_text()
         tables = set(re.findall(r"f32\[(?:1000,64|64,1000)\]", text))
-        return tables, np.asarray(function(values, inputs))
+        carried = set()  # float32 arrays of kernel size that loops carry
+        for line in text.splitlines():
+            if " while(" in line:
+                for dims in re.findall(r"f32\[([\d,]+)\]",
+                                       line.split(" while(")[0]):
+                    size = np.prod([int(d) for d in dims.split(",")])
+                    if size >= smallest_kernel:
+                        carried.add(dims)
+        return tables, carried, np.asarray(function(values, inputs))
 
-    tables, tokens = compiled()
+    tables, carried, tokens = compiled()
     assert not tables
-    monkeypatch.setattr(narrow_logits, "BFLOAT16_MAX_ROWS", 0)
-    tables, plain_tokens = compiled()
+    assert not carried
+    monkeypatch.setattr(narrow_products, "BFLOAT16_MAX_ROWS", 0)
+    tables, carried, plain_tokens = compiled()
     assert tables  # XLA's product widens the lm_head's table
+    assert {"64,40", "40,64"} <= carried  # and the MLP's kernels
     np.testing.assert_array_equal(tokens, plain_tokens)

@@ -216,13 +216,13 @@ def count_int8_products(monkeypatch):
     """Counts the int8 lm_head products by the path each backend takes on
     CPU: `torch._int_mm` on PyTorch, the blocked loop on JAX and
     TensorFlow."""
-    from keras_qwenvl import narrow_logits
+    from keras_qwenvl import narrow_products
 
     if keras.backend.backend() == "torch":
         import torch
 
         return count_calls(monkeypatch, torch, "_int_mm")
-    return count_calls(monkeypatch, narrow_logits, "_blocked_product")
+    return count_calls(monkeypatch, narrow_products, "_blocked_product")
 
 
 @pytest.mark.parametrize(
@@ -237,11 +237,11 @@ def test_int8_lm_head_is_keras_hubs(
     tied, soft_cap, vocabulary, block_bytes, monkeypatch
 ):
     """The int8 lm_head (the untied table laid out by vocabulary rows, the
-    product by `narrow_logits`) gives keras-hub's int8 logits."""
-    from keras_qwenvl import narrow_logits
+    product by `narrow_products`) gives keras-hub's int8 logits."""
+    from keras_qwenvl import narrow_products
 
     if block_bytes is not None:
-        monkeypatch.setattr(narrow_logits, "BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(narrow_products, "BLOCK_BYTES", block_bytes)
     kwargs = dict(tie_weights=tied, logit_soft_cap=soft_cap)
     layer = QwenVLTokenEmbedding(vocabulary, 8, **kwargs)
     layer.build()
@@ -272,8 +272,8 @@ def test_int8_blocks_divide_the_vocabulary():
     """Blocks divide the vocabulary where a divisor near the cache-sized
     block exists (one loop, no remainder product), each block's float32
     copy within `BLOCK_BYTES` and at least a quarter of it."""
-    from keras_qwenvl.narrow_logits import BLOCK_BYTES
-    from keras_qwenvl.narrow_logits import block_rows
+    from keras_qwenvl.narrow_products import BLOCK_BYTES
+    from keras_qwenvl.narrow_products import block_rows
 
     for vocabulary, hidden in ((151936, 512), (151936, 4096), (32000, 4096)):
         rows = block_rows(vocabulary, hidden)
@@ -329,10 +329,10 @@ def test_bfloat16_decoding_logits_are_the_tables_product(
     call."""
     from keras import ops
 
-    from keras_qwenvl import narrow_logits
+    from keras_qwenvl import narrow_products
 
-    monkeypatch.setattr(narrow_logits, "BLOCK_BYTES", 4 * 8 * 7)
-    calls = count_calls(monkeypatch, narrow_logits, "bfloat16_product")
+    monkeypatch.setattr(narrow_products, "BLOCK_BYTES", 4 * 8 * 7)
+    calls = count_calls(monkeypatch, narrow_products, "bfloat16_product")
     layer = QwenVLTokenEmbedding(53, 8, tie_weights=tied, dtype="bfloat16")
     layer.build()
     hidden = np.random.default_rng(4).normal(size=(rows, 1, 8)) * 4
@@ -355,20 +355,20 @@ def test_bfloat16_decoding_logits_are_the_tables_product(
     keras.config.backend() != "jax", reason="JAX's bfloat16 paths"
 )
 def test_bfloat16_bits_widen_and_gather_exactly():
-    """The 16 bits of bfloat16 values, widened by `narrow_logits`' shift,
+    """The 16 bits of bfloat16 values, widened by `narrow_products`' shift,
     are the values in float32, bit for bit (signed zeros, subnormals,
     infinities, NaN); and the table lookup gathers bfloat16 rows (as
     16-bit integers) that are the table's."""
     import jax.numpy as jnp
     import ml_dtypes
 
-    from keras_qwenvl import narrow_logits
+    from keras_qwenvl import narrow_products
 
     values = np.array(
         [0.0, -0.0, 1.0, -1.5, 3.14159, 1e-39, -3e-40, 65504.0, 3e38,
          np.inf, -np.inf, np.nan], "float32",
     ).astype(ml_dtypes.bfloat16)
-    widened = narrow_logits._bfloat16_bits_to_float32(
+    widened = narrow_products._bfloat16_bits_to_float32(
         jnp.asarray(values.view(np.uint16))
     )
     np.testing.assert_array_equal(

@@ -1,4 +1,4 @@
-"""The lm_head's products with narrow tables (int8, bfloat16) on CPU.
+"""Products with narrow (int8, bfloat16) weights on CPU.
 
 int8 (`product`), on every backend. Keras' int8 lm_head multiplies int8
 activations by the int8 table with `ops.matmul`, which on CPU is the
@@ -29,6 +29,12 @@ step reads the 16-bit table once, half float32's bytes (the "small"
 benchmark's lm_head: 4.8 against 9.6 ms a step on F). The bits have no
 gradient with respect to the table, so only calls that need none (the
 cached passes of generation) take this path.
+
+bfloat16 projections (`bfloat16_projection`), JAX on CPU, in decoding
+steps. The decoder blocks' bfloat16 kernels met the same widening out of
+the loop. Their bits are widened inside each step instead, made to depend
+on the step's activations so that XLA cannot hoist the widening: each
+kernel is read at 16 bits and its float32 copy, a few MB, stays in cache.
 """
 
 import keras
@@ -154,3 +160,46 @@ def _bfloat16_bits_to_float32(bits):
 
     wide = lax.shift_left(bits.astype(jnp.uint32), jnp.uint32(16))
     return lax.bitcast_convert_type(wide, jnp.float32)
+
+
+def bfloat16_projection_applies(layer, inputs):
+    """Whether `bfloat16_projection(layer, inputs)` stands in for
+    `layer(inputs)`: JAX on CPU, a plain (not quantized, no LoRA) Dense or
+    EinsumDense layer with a bfloat16 kernel, at most `BFLOAT16_MAX_ROWS`
+    rows of inputs."""
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        return False
+    if layer.quantization_mode is not None or getattr(
+        layer, "lora_enabled", False
+    ):
+        return False
+    return bfloat16_applies(inputs, layer.kernel)
+
+
+def bfloat16_projection(layer, inputs):
+    """`layer(inputs)` for a Dense or EinsumDense layer whose bfloat16
+    kernel is read as 16 bits and widened inside the call (JAX; see the
+    module's docstring). Rounded as the layer rounds: the product to
+    bfloat16, then the bias added. No gradient with respect to the
+    kernel."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    bits = lax.bitcast_convert_type(ops.convert_to_tensor(layer.kernel),
+                                    jnp.uint16)
+    # 0 unless the inputs' first entry is NaN (then so is the output):
+    # a dependency on this step's inputs that XLA cannot fold away.
+    first = ops.reshape(inputs, (-1,))[0]
+    bits = bits + ops.cast(ops.isnan(first), "uint16")
+    kernel = _bfloat16_bits_to_float32(bits)
+    inputs = ops.cast(inputs, "float32")
+    if isinstance(layer, keras.layers.EinsumDense):
+        outputs = ops.einsum(layer.equation, inputs, kernel)
+    else:
+        outputs = ops.matmul(inputs, kernel)
+    outputs = ops.cast(outputs, layer.compute_dtype)
+    if layer.bias is not None:
+        outputs = ops.add(outputs, layer.bias)
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return outputs
