@@ -40,6 +40,8 @@ kernel is read at 16 bits and its float32 copy, a few MB, stays in cache.
 import keras
 from keras import ops
 
+from keras_qwenvl.ordering import after
+
 # Bytes of one block's float32 copy (JAX, TensorFlow): small enough to
 # stay in a core's cache between its conversion and its product.
 BLOCK_BYTES = 1 << 22
@@ -187,10 +189,8 @@ def bfloat16_projection(layer, inputs):
 
     bits = lax.bitcast_convert_type(ops.convert_to_tensor(layer.kernel),
                                     jnp.uint16)
-    # 0 unless the inputs' first entry is NaN (then so is the output):
-    # a dependency on this step's inputs that XLA cannot fold away.
-    first = ops.reshape(inputs, (-1,))[0]
-    bits = bits + ops.cast(ops.isnan(first), "uint16")
+    # Widened after this call's inputs exist: not out of the loop.
+    bits = after(bits, inputs)
     kernel = _bfloat16_bits_to_float32(bits)
     inputs = ops.cast(inputs, "float32")
     if isinstance(layer, keras.layers.EinsumDense):

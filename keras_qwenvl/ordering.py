@@ -13,6 +13,11 @@ def after(tensor, dependency):
     the model keeps a table-sized array, a weight copy or a recomputation
     from being made earlier than needed."""
     entry = ops.reshape(dependency, (-1,))[0]
+    if "float" not in keras.backend.standardize_dtype(tensor.dtype):
+        # An integer times zero folds to zero and the dependency with it:
+        # plus 1 where the entry is NaN (which a float dependency's NaN
+        # would make of the result anyway), 0 elsewhere.
+        return tensor + ops.cast(ops.isnan(entry), tensor.dtype)
     return tensor + ops.cast(entry, tensor.dtype) * 0
 
 
