@@ -37,8 +37,14 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
     Quantized to int8 (`quantize("int8")`, the parent's quantization), the
     untied lm_head's table is kept by vocabulary rows, (vocabulary,
     hidden), as the embedding's is, rather than the parent's (hidden,
-    vocabulary), and the lm_head's int8 product is `narrow_products.product`:
-    the same logits, several times faster on CPU (see there).
+    vocabulary), and the lm_head's int8 product is
+    `narrow_products.product`: the same logits, several times faster on
+    CPU (see there).
+
+    A bfloat16 table on JAX is looked up as 16-bit integers (the same
+    rows; as floats, XLA widened the whole table before a decoding loop),
+    and generation's logits (`decoding_logits`) read it at 16 bits on CPU
+    (`narrow_products.bfloat16_product`).
     """
 
     # Set while the parent quantizes: its quantization fills the untied
