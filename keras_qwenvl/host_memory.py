@@ -7,8 +7,8 @@ freed blocks lie between blocks still in use, where its automatic trim
 (at the top of the heap only) does not reach. The compiled step then runs
 on buffers mapped afresh, so the process's peak resident memory holds
 both. At the benchmark's "small" sizes (JAX on a 2-core CPU) the compiler
-left 0.45 GB behind, and the rematerialised training step's peak fell from
-4.82 to 4.37 GB once it was handed back (README, "Benchmarks").
+left 0.45 GB behind, and a rematerialised training step's peak fell from
+4.43 to 3.98 GB once it was handed back (README, "Benchmarks").
 
 `malloc_trim(0)` returns every free page of glibc's heaps; it took 70 ms
 after that compilation. `trim_after_compilations()` runs it after each
