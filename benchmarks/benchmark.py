@@ -604,13 +604,25 @@ def run_worker(spec):
 # === Driver and report ===
 
 
-def worker_environment():
+# PyTorch's eager steps allocate their large tensors anew each time, and
+# glibc maps every block above 32 MiB afresh and unmaps it when freed: a
+# "small" training step faulted in about 7 GB of pages (README, "A
+# compilation's freed memory handed back"). With these glibc keeps what
+# it frees (no mappings of its own, no trim below 4 GiB) for the next
+# step, at the price of a higher peak.
+KEEP_FREED_MEMORY = (
+    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+)
+
+
+def worker_environment(backend=None):
     """The environment the workers start with: this one, with glibc's
     malloc on transparent huge pages where glibc has the tunable and the
     user set no `GLIBC_TUNABLES` (the rule and the reason are the main
     job's: `huge_page_environment` in examples/train_synthetic.py; XLA's
     CPU runtime maps its large buffers afresh at every call, and the
-    kernel faults them in 4 KiB at a time). `GLIBC_TUNABLES=` opts out."""
+    kernel faults them in 4 KiB at a time), PyTorch's also keeping the
+    memory it frees (`KEEP_FREED_MEMORY`). `GLIBC_TUNABLES=` opts out."""
     import importlib.util
 
     path = os.path.join(
@@ -624,7 +636,11 @@ def worker_environment():
     environ = script.huge_page_environment(
         os.environ, sys.platform, platform.libc_ver()
     )
-    return dict(os.environ) if environ is None else environ
+    if environ is None:
+        return dict(os.environ)
+    if backend == "torch":
+        environ["GLIBC_TUNABLES"] += ":" + KEEP_FREED_MEMORY
+    return environ
 
 
 def run_in_subprocess(backend, spec, log, environ):
@@ -850,7 +866,15 @@ def markdown(report):
         f"{machine['copy_gbps']:,.1f} GB/s. Medians of {report['repeats']} "
         f"runs after a warm-up; {report['new_tokens']} new tokens per "
         "generation. Workers' GLIBC_TUNABLES: "
-        f"{machine.get('glibc_tunables')!r}.",
+        f"{machine.get('glibc_tunables')!r}"
+        + (
+            f" (PyTorch's: {machine['glibc_tunables_torch']!r})"
+            if machine.get("glibc_tunables_torch")
+            not in (None, machine.get("glibc_tunables"))
+            and "torch" in {r["backend"] for r in report["results"]}
+            else ""
+        )
+        + ".",
         "",
         "| backend | model | config | matmul GFLOP/s | copy GB/s | vision img/s | "
         "prefill tok/s (MFU) | train tok/s (MFU) | train peak RSS GB | "
@@ -1025,8 +1049,13 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     machine = numpy_machine_peaks(args.quick)
     machine["host"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    environ = worker_environment()
-    machine["glibc_tunables"] = environ.get("GLIBC_TUNABLES")
+    environ = {
+        backend: worker_environment(backend) for backend in args.backends
+    }
+    machine["glibc_tunables"] = worker_environment().get("GLIBC_TUNABLES")
+    machine["glibc_tunables_torch"] = worker_environment("torch").get(
+        "GLIBC_TUNABLES"
+    )
     print(
         f"numpy: matmul {machine['matmul_gflops']:,.0f} GFLOP/s, "
         f"copy {machine['copy_gbps']:,.1f} GB/s; workers' GLIBC_TUNABLES: "
@@ -1051,7 +1080,10 @@ def main(argv=None):
                     flush=True,
                 )
                 result = run_in_subprocess(
-                    backend, {**spec, "settings": settings}, log, environ
+                    backend,
+                    {**spec, "settings": settings},
+                    log,
+                    environ[backend],
                 )
                 if "error" not in result:
                     result["derived"] = derive(result, machine)

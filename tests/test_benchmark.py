@@ -191,13 +191,41 @@ def test_workers_get_huge_pages_unless_the_user_chose(monkeypatch):
     environ = benchmark.worker_environment()
     assert environ["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert environ["SOME_SETTING"] == "kept"
+    assert benchmark.worker_environment("jax") == environ
+    # PyTorch's workers also keep the memory glibc frees.
+    torch = benchmark.worker_environment("torch")
+    assert torch["GLIBC_TUNABLES"].split(":") == [
+        "glibc.malloc.hugetlb=1",
+        "glibc.malloc.mmap_max=0",
+        "glibc.malloc.trim_threshold=4294967296",
+    ]
+    assert torch["SOME_SETTING"] == "kept"
     # A choice of the user's stands, even an empty one (the opt-out).
     for chosen in ("", "glibc.malloc.arena_max=2"):
         monkeypatch.setenv("GLIBC_TUNABLES", chosen)
-        assert benchmark.worker_environment()["GLIBC_TUNABLES"] == chosen
+        for backend in (None, "torch"):
+            environ = benchmark.worker_environment(backend)
+            assert environ["GLIBC_TUNABLES"] == chosen
     # Too old a glibc for the tunable: nothing added.
     monkeypatch.delenv("GLIBC_TUNABLES")
     monkeypatch.setattr(
         benchmark.platform, "libc_ver", lambda: ("glibc", "2.31")
     )
     assert "GLIBC_TUNABLES" not in benchmark.worker_environment()
+    assert "GLIBC_TUNABLES" not in benchmark.worker_environment("torch")
+
+
+def test_the_table_names_pytorch_workers_tunables_where_they_ran():
+    machine = dict(
+        ANCHOR_MACHINE,
+        glibc_tunables="glibc.malloc.hugetlb=1",
+        glibc_tunables_torch="glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0",
+    )
+    ours = qwen_result("small", 2.0)
+    torch = dict(qwen_result("small", 1.5), backend="torch")
+    header = benchmark.markdown(report_of(ours, torch, machine=machine))
+    assert "(PyTorch's: 'glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0')" in (
+        header
+    )
+    jax_only = benchmark.markdown(report_of(ours, machine=machine))
+    assert "Workers' GLIBC_TUNABLES: 'glibc.malloc.hugetlb=1'." in jax_only
