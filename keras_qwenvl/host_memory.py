@@ -26,9 +26,8 @@ _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # after each would cost more than it returns.
 MIN_COMPILE_SECONDS = 1.0
 
-_state = {
-    "registered": False, "enabled": False, "declined": False, "trim": None
-}
+# "trim": glibc's function once the listener is registered, else None.
+_state = {"enabled": False, "declined": False, "trim": None}
 
 
 def _malloc_trim():
@@ -68,7 +67,7 @@ def trim_after_compilations(enabled=True):
         _state["declined"] = True
         return False
     _state["declined"] = False
-    if not _state["registered"]:
+    if _state["trim"] is None:
         trim = _malloc_trim()
         if trim is None:
             return False
@@ -78,7 +77,6 @@ def trim_after_compilations(enabled=True):
             return False
         _state["trim"] = trim
         jax.monitoring.register_event_duration_secs_listener(_after_event)
-        _state["registered"] = True
     _state["enabled"] = True
     return True
 
