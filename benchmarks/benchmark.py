@@ -556,13 +556,11 @@ def run_worker(spec):
     result["prefill"] = measure_prefill(workload, causal_lm, repeats)
     result["training"] = measure_training(workload, causal_lm, repeats)
     # keras_qwenvl's PyTorch decoding step compiles with jit_compile=True
-    # (keras-hub's PaliGemma has no such path on PyTorch), in float32 and
-    # bfloat16; Keras' int8 layers split it into many graphs (82-84 ms a
-    # "small" step compiled on F, 52 eagerly), so int8 runs eagerly, as
-    # it runs with jit_compile=True too (`keras_qwenvl.torch_decoding`). On
-    # TensorFlow keras_qwenvl's generate() compiles with XLA by default
-    # (`QwenVLCausalLM.make_generate_function`); PaliGemma's runs as
-    # keras-hub runs it (a TensorFlow graph on a CPU).
+    # (keras-hub's PaliGemma has no such path on PyTorch), in float32,
+    # int8 (its projections through `narrow_products.int8_projection`, one
+    # graph) and bfloat16. On TensorFlow keras_qwenvl's generate()
+    # compiles with XLA by default (`QwenVLCausalLM.make_generate_function`);
+    # PaliGemma's runs as keras-hub runs it (a TensorFlow graph on a CPU).
     compiled = (
         settings.get("torch_compile", False)
         and result["backend"] == "torch"
@@ -583,7 +581,13 @@ def run_worker(spec):
         causal_lm.quantize("int8")
         gc.unfreeze()
         precisions["int8"] = measure_generation(
-            workload, causal_lm, 1, new_tokens, repeats, ttft=False
+            workload,
+            causal_lm,
+            1,
+            new_tokens,
+            repeats,
+            ttft=False,
+            jit_compile=compiled,
         )
         del causal_lm
         gc.collect()
@@ -851,6 +855,13 @@ def fmt(value, digits=1):
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def words(items):
+    """"a", "a and b", "a, b and c"."""
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def fraction(value):
     """A utilisation fraction for the table."""
     return "n/a" if value is None else f"{value:.2f}"
@@ -938,21 +949,22 @@ def markdown(report):
             "|" + " --- |" * 4,
         ] + remat_lines
     if any(result.get("generation_compiled") for result in report["results"]):
-        bfloat16 = any(
-            result["precisions"]["bfloat16"].get("compiled", False)
-            for result in report["results"]
-            if result.get("generation_compiled") and "precisions" in result
-        )
-        if bfloat16:
-            compiled, eager = ["float32", "bfloat16"], ["int8", "PaliGemma"]
-        else:
-            compiled, eager = ["float32"], ["int8", "bfloat16", "PaliGemma"]
+        # Older runs compiled float32 only, later ones bfloat16 too, and
+        # int8 since its projections trace into one graph.
+        compiled, eager = ["float32"], []
+        for precision in ("int8", "bfloat16"):
+            was = any(
+                result["precisions"][precision].get("compiled", False)
+                for result in report["results"]
+                if result.get("generation_compiled") and "precisions" in result
+            )
+            (compiled if was else eager).append(precision)
+        eager.append("PaliGemma")
         lines += [
             "",
-            f"PyTorch: keras_qwenvl's {' and '.join(compiled)} generation "
+            f"PyTorch: keras_qwenvl's {words(compiled)} generation "
             "ran with `jit_compile=True` (the decoding step under "
-            f"`torch.compile`; {', '.join(eager[:-1])} and {eager[-1]} "
-            "eagerly).",
+            f"`torch.compile`; {words(eager)} eagerly).",
         ]
     lines += [
         "",
@@ -998,8 +1010,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--no-torch-compile",
         action="store_true",
-        help="PyTorch: generate eagerly (by default keras_qwenvl's float32 "
-        "and bfloat16 generation compiles its decoding step, "
+        help="PyTorch: generate eagerly (by default keras_qwenvl's float32, "
+        "int8 and bfloat16 generation compiles its decoding step, "
         "jit_compile=True)",
     )
     parser.add_argument("--out", default="benchmarks/results")

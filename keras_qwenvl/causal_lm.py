@@ -136,9 +136,10 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         On PyTorch, `jit_compile=True` also compiles `generate()`'s
         decoding step with `torch.compile` (Keras otherwise runs PyTorch
         eagerly; the first generation of each batch size and `max_length`
-        compiles, minutes at the published size; a step that breaks the
-        graph, as Keras' int8 layers do, runs eagerly; see
-        `torch_decoding`). It applies to `fit()` as Keras applies it
+        compiles, minutes at the published size; float32, bfloat16 and
+        `quantize("int8")` models compile to one graph; a step that
+        breaks the graph, as other quantization modes do, runs eagerly;
+        see `torch_decoding`). It applies to `fit()` as Keras applies it
         there: compile again without it to train.
 
         On TensorFlow, `generate()` compiles with XLA unless

@@ -62,9 +62,13 @@ def project(layer, x, cached):
     """`layer(x)` for a projection of a decoder block. In a cached pass
     (generation) of a few rows with bfloat16 kernels on JAX's CPU, through
     `narrow_products.bfloat16_projection`, which reads the kernel's 16 bits
-    where XLA's product would read a float32 copy."""
+    where XLA's product would read a float32 copy; with int8 kernels on
+    PyTorch's CPU, through `narrow_products.int8_projection` (one graph
+    under `torch.compile`, `torch._int_mm`)."""
     if cached and narrow_products.bfloat16_projection_applies(layer, x):
         return narrow_products.bfloat16_projection(layer, x)
+    if cached and narrow_products.int8_projection_applies(layer, x):
+        return narrow_products.int8_projection(layer, x)
     return layer(x)
 
 

@@ -30,12 +30,27 @@ benchmark's lm_head: 4.8 against 9.6 ms a step on F). The bits have no
 gradient with respect to the table, so only calls that need none (the
 cached passes of generation) take this path.
 
+int8 projections (`int8_projection`), PyTorch on CPU, in decoding steps.
+Keras' int8 Dense and EinsumDense layers multiply int8 by int8 with
+`ops.einsum` or `ops.matmul`, which PyTorch on CPU runs by converting both
+operands to wider types at every call, inside a custom-gradient wrapper;
+and under `torch.compile` their abs-max quantizer (`ops.max`) and scale
+layouts (tracked lists of axes) break the graph: the "small" benchmark's
+decoding step became 66 graphs, slower compiled than eager. Here the same
+computation, written for Dynamo: the activations quantized per row as
+Keras' `AbsMaxQuantizer` does (`quantize_rows`), `torch._int_mm` (int8 x
+int8 into int32, exact), then the layer's scales, bias and activation.
+The same values as the layer's own call; no gradient (the cached passes
+of generation only).
+
 bfloat16 projections (`bfloat16_projection`), JAX on CPU, in decoding
 steps. The decoder blocks' bfloat16 kernels met the same widening out of
 the loop. Their bits are widened inside each step instead, made to depend
 on the step's activations so that XLA cannot hoist the widening: each
 kernel is read at 16 bits and its float32 copy, a few MB, stays in cache.
 """
+
+import math
 
 import keras
 from keras import ops
@@ -69,12 +84,24 @@ def product(inputs, table):
     if not _on_cpu(table):
         return ops.matmul(inputs, ops.transpose(table))
     if keras.config.backend() == "torch":
-        import torch
-
         rows = inputs.reshape(-1, inputs.shape[-1])
-        out = torch._int_mm(rows, table.t())
+        out = int_mm(rows, table.t())
         return out.reshape(*inputs.shape[:-1], table.shape[0])
     return _blocked_product(inputs, table)
+
+
+def int_mm(a, b):
+    """`torch._int_mm(a, b)`: int8 (m, k) by int8 (k, n) into int32.
+
+    One row is multiplied as two: under `torch.compile`, Inductor hands a
+    one-row operand made inside the graph to ATen with a stride of 0 for
+    its rows, and ATen's CPU kernel then reads it wrongly (torch 2.13:
+    garbage logits, `tests/test_narrow_products.py`)."""
+    import torch
+
+    if a.shape[0] != 1:
+        return torch._int_mm(a, b)
+    return torch._int_mm(torch.cat([a, a]), b)[:1]
 
 
 def block_rows(vocabulary, hidden):
@@ -201,3 +228,91 @@ def bfloat16_projection(layer, inputs):
     if layer.activation is not None:
         outputs = layer.activation(outputs)
     return outputs
+
+
+def default_int8_quantizer(layer):
+    """Whether `layer` quantizes its activations as `quantize("int8")` sets
+    it up: an `AbsMaxQuantizer` to int8 (`quantize_rows` computes it)."""
+    from keras.src.quantizers.quantizers import AbsMaxQuantizer
+
+    quantizer = getattr(layer, "inputs_quantizer", None)
+    return (
+        type(quantizer) is AbsMaxQuantizer
+        and keras.backend.standardize_dtype(quantizer.output_dtype) == "int8"
+        and quantizer.axis in (None, (-1,))
+    )
+
+
+def _reduced_axes(layer):
+    """How many trailing axes of `layer`'s inputs its product reduces, or
+    None where they are not also the kernel's leading axes with the
+    output the inputs' other axes then the kernel's (Dense: 1)."""
+    if isinstance(layer, keras.layers.Dense):
+        return 1
+    if "." in layer.equation:
+        return None
+    operands, output = layer.equation.split("->")
+    inputs, kernel = operands.split(",")
+    reduced = "".join(axis for axis in inputs if axis not in output)
+    count = len(reduced)
+    if (
+        not count
+        or not inputs.endswith(reduced)
+        or not kernel.startswith(reduced)
+        or output != inputs[: len(inputs) - count] + kernel[count:]
+    ):
+        return None
+    return count
+
+
+def int8_projection_applies(layer, inputs):
+    """Whether `int8_projection(layer, inputs)` stands in for
+    `layer(inputs)`: PyTorch on CPU, a Dense or EinsumDense layer quantized
+    by `quantize("int8")` (no LoRA), with its reduced axes last in the
+    inputs and first in the kernel."""
+    if keras.config.backend() != "torch":
+        return False
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        return False
+    if layer.quantization_mode != "int8" or getattr(
+        layer, "lora_enabled", False
+    ):
+        return False
+    if not default_int8_quantizer(layer):
+        return False
+    return _reduced_axes(layer) is not None and _on_cpu(inputs)
+
+
+def quantize_rows(quantizer, rows):
+    """`quantizer(rows, axis=-1)` for an `AbsMaxQuantizer`, in operations
+    that `torch.compile` traces into one graph (Keras' `ops.max` on
+    PyTorch breaks it)."""
+    low, high = quantizer.value_range
+    largest = ops.amax(ops.abs(rows), axis=-1, keepdims=True)
+    scale = ops.divide(high, ops.add(largest, quantizer.epsilon))
+    scale = ops.cast(scale, rows.dtype)
+    quantized = ops.clip(ops.round(ops.multiply(rows, scale)), low, high)
+    return ops.cast(quantized, quantizer.output_dtype), scale
+
+
+def int8_projection(layer, inputs):
+    """`layer(inputs)` for an int8 Dense or EinsumDense layer on PyTorch's
+    CPU: the activations quantized per row, `torch._int_mm`, the layer's
+    scales (see the module's docstring). No gradient."""
+    count = _reduced_axes(layer)
+    kernel = layer._kernel.value
+    width = math.prod(kernel.shape[:count])
+    outputs = math.prod(kernel.shape[count:])
+    rows = inputs.reshape(-1, width)
+    quantized, rows_scale = quantize_rows(layer.inputs_quantizer, rows)
+    x = int_mm(quantized, kernel.reshape(width, outputs))
+    x = ops.cast(x, layer.compute_dtype)
+    scale = layer.kernel_scale.value.reshape(1, outputs)
+    x = ops.divide(x, ops.multiply(rows_scale, scale))
+    lead = inputs.shape[: inputs.ndim - count]
+    x = x.reshape(*lead, *kernel.shape[count:])
+    if layer.bias is not None:
+        x = ops.add(x, layer.bias)
+    if layer.activation is not None:
+        x = layer.activation(x)
+    return x

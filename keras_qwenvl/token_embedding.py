@@ -107,7 +107,12 @@ class QwenVLTokenEmbedding(ReversibleEmbedding):
             scale = self.reverse_embeddings_scale
         table = ops.convert_to_tensor(table)
         if self.inputs_quantizer:
-            inputs, inputs_scale = self.inputs_quantizer(inputs)
+            if narrow_products.default_int8_quantizer(self):
+                inputs, inputs_scale = narrow_products.quantize_rows(
+                    self.inputs_quantizer, inputs
+                )
+            else:
+                inputs, inputs_scale = self.inputs_quantizer(inputs)
             logits = narrow_products.product(inputs, table)
         else:
             inputs_scale = ops.ones((1,), dtype=self.compute_dtype)

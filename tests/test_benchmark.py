@@ -159,24 +159,27 @@ def test_render_rewrites_the_tables_from_a_saved_run(tmp_path):
 
 
 def test_the_table_says_which_pytorch_generations_were_compiled():
-    """Runs saved before bfloat16 generation compiled on PyTorch render as
-    they ran; newer ones name bfloat16 among the compiled."""
-    def note(bfloat16_compiled):
+    """Runs saved before bfloat16 or int8 generation compiled on PyTorch
+    render as they ran; newer ones name them among the compiled."""
+    def note(**compiled):
         result = dict(qwen_result("small", 2.0), backend="torch",
                       generation_compiled=True)
-        if bfloat16_compiled is not None:
-            result["precisions"]["bfloat16"]["compiled"] = bfloat16_compiled
+        for precision, was in compiled.items():
+            result["precisions"][precision]["compiled"] = was
         text = benchmark.markdown(report_of(result))
         return next(line for line in text.splitlines()
                     if line.startswith("PyTorch: "))
 
-    older = note(None)
-    assert "float32 generation ran" in older
-    assert "int8, bfloat16 and PaliGemma eagerly" in older
-    assert note(False) == older
-    newer = note(True)
-    assert "float32 and bfloat16 generation ran" in newer
-    assert "int8 and PaliGemma eagerly" in newer
+    oldest = note()
+    assert "float32 generation ran" in oldest
+    assert "int8, bfloat16 and PaliGemma eagerly" in oldest
+    assert note(bfloat16=False, int8=False) == oldest
+    older = note(bfloat16=True)
+    assert "float32 and bfloat16 generation ran" in older
+    assert "int8 and PaliGemma eagerly" in older
+    newest = note(bfloat16=True, int8=True)
+    assert "float32, int8 and bfloat16 generation ran" in newest
+    assert "`torch.compile`; PaliGemma eagerly" in newest
     eager = benchmark.markdown(report_of(qwen_result("small", 2.0)))
     assert "PyTorch: " not in eager
 

@@ -267,18 +267,26 @@ def test_torch_compiled_decoding_step_is_one_graph(causal_lm, monkeypatch):
 @pytest.mark.skipif(
     keras.config.backend() != "torch", reason="torch.compile is PyTorch's"
 )
-def test_torch_compiled_bfloat16_step_is_one_graph_with_eager_logits(
-    tmp_path,
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_torch_compiled_narrow_step_is_one_graph_with_eager_logits(
+    tmp_path, precision
 ):
-    """In bfloat16 too the compiled decoding step is one graph without
-    breaks, and its logits are the eager step's to bfloat16 rounding
-    (Inductor fuses and rounds differently, so near-tied tokens of a
-    random model may differ: logits, not tokens, are compared)."""
+    """In bfloat16 and int8 too the compiled decoding step is one graph
+    without breaks (int8: the blocks' projections and the lm_head through
+    `narrow_products`, not Keras' int8 layers), and its logits are the
+    eager step's to bfloat16 rounding, or int8's requantization (Inductor
+    fuses and rounds differently, so near-tied tokens of a random model
+    may differ, and an activation at a rounding boundary may take the
+    next int8 value: logits, not tokens, are compared)."""
     import torch
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    causal_lm = tiny_causal_lm(str(tmp_path), dtype="bfloat16")
+    if precision == "int8":
+        causal_lm = tiny_causal_lm(str(tmp_path))
+        causal_lm.quantize("int8")
+    else:
+        causal_lm = tiny_causal_lm(str(tmp_path), dtype=precision)
     image = np.random.default_rng(0).uniform(0, 255, (28, 28, 3))
     x = causal_lm.preprocessor.generate_preprocess(
         {"prompts": ["<img>a</img>hello there"], "images": [[image]]},

@@ -1,6 +1,7 @@
-"""`narrow_products`' bfloat16 projections: a decoder block's Dense and
-EinsumDense layers with their kernels read as 16 bits (JAX on CPU, in
-generation's decoding steps)."""
+"""`narrow_products`' projections for generation's decoding steps: a
+decoder block's Dense and EinsumDense layers with their bfloat16 kernels
+read as 16 bits (JAX on CPU), and with int8 kernels through
+`torch._int_mm` (PyTorch on CPU)."""
 
 import keras
 import numpy as np
@@ -10,6 +11,8 @@ from keras import ops
 from keras_qwenvl import narrow_products
 
 JAX = keras.config.backend() == "jax"
+TORCH = keras.config.backend() == "torch"
+KINDS = ["mlp", "dense_with_bias", "query", "attention_output"]
 
 
 def projection(kind, dtype="bfloat16"):
@@ -40,9 +43,7 @@ def projection(kind, dtype="bfloat16"):
     return layer, inputs
 
 
-@pytest.mark.parametrize(
-    "kind", ["mlp", "dense_with_bias", "query", "attention_output"]
-)
+@pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_projection_is_the_layers_call(kind):
     """The same outputs as the layer's call (bfloat16 rounding: the
     product rounded, then the bias added), where it applies: on JAX."""
@@ -75,3 +76,84 @@ def test_bfloat16_projection_applies_only_to_plain_narrow_layers():
     layer, inputs = projection("query")
     layer.quantize("int8")
     assert not narrow_products.bfloat16_projection_applies(layer, inputs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_projection_is_the_layers_call(kind):
+    """An int8 layer's outputs, the same values as Keras' own int8 call
+    (the same quantized activations, exact integer products, the same
+    scaling), where it applies: on PyTorch."""
+    layer, inputs = projection(kind, dtype="float32")
+    layer.quantize("int8")
+    assert narrow_products.int8_projection_applies(layer, inputs) == TORCH
+    if not TORCH:
+        return
+    ours = narrow_products.int8_projection(layer, inputs)
+    theirs = layer(inputs)
+    assert tuple(ours.shape) == tuple(theirs.shape)
+    ours, theirs = ops.convert_to_numpy(ours), ops.convert_to_numpy(theirs)
+    assert np.abs(theirs).max() > 1
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_projection_applies_only_to_plain_int8_layers():
+    """Not to float kernels, LoRA on an int8 layer, nor an equation whose
+    reduced axes are not the inputs' last (on PyTorch, where it
+    applies at all)."""
+    layer, inputs = projection("query", dtype="float32")
+    assert not narrow_products.int8_projection_applies(layer, inputs)
+    layer.quantize("int8")
+    assert narrow_products.int8_projection_applies(layer, inputs) == TORCH
+    layer.enable_lora(2)
+    assert not narrow_products.int8_projection_applies(layer, inputs)
+    middle = keras.layers.EinsumDense("bdt,dn->btn", output_shape=(3, 6))
+    middle.build((2, 16, 3))
+    middle.quantize("int8")
+    assert not narrow_products.int8_projection_applies(
+        middle, ops.ones((2, 16, 3))
+    )
+
+
+def test_quantize_rows_is_keras_abs_max_quantizer():
+    """The activations' int8 values and scales of Keras' `AbsMaxQuantizer`
+    over the last axis, on every backend (zero rows included)."""
+    from keras.src.quantizers.quantizers import AbsMaxQuantizer
+
+    quantizer = AbsMaxQuantizer(axis=-1)
+    rows = np.random.default_rng(1).normal(0, 3, (3, 2, 64))
+    rows[1, 0] = 0.0
+    rows = ops.convert_to_tensor(rows.astype("float32"))
+    ours = narrow_products.quantize_rows(quantizer, rows)
+    theirs = quantizer(rows)
+    for a, b in zip(ours, theirs):
+        assert keras.backend.standardize_dtype(a.dtype) == (
+            keras.backend.standardize_dtype(b.dtype)
+        )
+        np.testing.assert_array_equal(
+            ops.convert_to_numpy(a), ops.convert_to_numpy(b)
+        )
+
+
+@pytest.mark.skipif(not TORCH, reason="torch._int_mm is PyTorch's")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int_mm_of_rows_made_in_a_compiled_graph(rows):
+    """`int_mm` of activations quantized inside a `torch.compile`d graph
+    gives the eager integers, one row included (Inductor hands that row to
+    ATen with a stride of 0, which `torch._int_mm` alone misreads)."""
+    import torch
+    from keras.src.quantizers.quantizers import AbsMaxQuantizer
+
+    quantizer = AbsMaxQuantizer(axis=-1)
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randint(-127, 128, (1000, 64), dtype=torch.int8,
+                          generator=generator)
+
+    def logits(hidden):
+        quantized, _ = narrow_products.quantize_rows(quantizer, hidden)
+        return narrow_products.int_mm(quantized.reshape(-1, 64), table.t())
+
+    hidden = torch.randn(rows, 1, 64, generator=generator)
+    eager = logits(hidden)
+    assert eager.abs().max() > 1000
+    compiled = torch.compile(logits, fullgraph=True, dynamic=False)(hidden)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
