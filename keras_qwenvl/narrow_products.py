@@ -233,7 +233,7 @@ def bfloat16_projection(layer, inputs):
 def default_int8_quantizer(layer):
     """Whether `layer` quantizes its activations as `quantize("int8")` sets
     it up: an `AbsMaxQuantizer` to int8 (`quantize_rows` computes it)."""
-    from keras.src.quantizers.quantizers import AbsMaxQuantizer
+    from keras.quantizers import AbsMaxQuantizer
 
     quantizer = getattr(layer, "inputs_quantizer", None)
     return (

@@ -117,7 +117,7 @@ def test_int8_projection_applies_only_to_plain_int8_layers():
 def test_quantize_rows_is_keras_abs_max_quantizer():
     """The activations' int8 values and scales of Keras' `AbsMaxQuantizer`
     over the last axis, on every backend (zero rows included)."""
-    from keras.src.quantizers.quantizers import AbsMaxQuantizer
+    from keras.quantizers import AbsMaxQuantizer
 
     quantizer = AbsMaxQuantizer(axis=-1)
     rows = np.random.default_rng(1).normal(0, 3, (3, 2, 64))
@@ -141,7 +141,7 @@ def test_int_mm_of_rows_made_in_a_compiled_graph(rows):
     gives the eager integers, one row included (Inductor hands that row to
     ATen with a stride of 0, which `torch._int_mm` alone misreads)."""
     import torch
-    from keras.src.quantizers.quantizers import AbsMaxQuantizer
+    from keras.quantizers import AbsMaxQuantizer
 
     quantizer = AbsMaxQuantizer(axis=-1)
     generator = torch.Generator().manual_seed(0)
