@@ -574,33 +574,22 @@ def run_worker(spec):
         for rows in GENERATE_BATCHES
     ]
     if spec["model"] == "qwenvl" and spec["config"] == REFERENCE_CONFIG:
+        def batch_one(model):
+            return measure_generation(
+                workload, model, 1, new_tokens, repeats, ttft=False,
+                jit_compile=compiled,
+            )
+
         precisions = {"float32": result["generation"][0]}
         # Keras collects garbage after each kernel it replaces; leaving the
         # objects that exist now out of those collections saves minutes.
         gc.freeze()
         causal_lm.quantize("int8")
         gc.unfreeze()
-        precisions["int8"] = measure_generation(
-            workload,
-            causal_lm,
-            1,
-            new_tokens,
-            repeats,
-            ttft=False,
-            jit_compile=compiled,
-        )
+        precisions["int8"] = batch_one(causal_lm)
         del causal_lm
         gc.collect()
-        causal_lm = workload.build(dtype="bfloat16")
-        precisions["bfloat16"] = measure_generation(
-            workload,
-            causal_lm,
-            1,
-            new_tokens,
-            repeats,
-            ttft=False,
-            jit_compile=compiled,
-        )
+        precisions["bfloat16"] = batch_one(workload.build(dtype="bfloat16"))
         result["precisions"] = precisions
     return result
 
