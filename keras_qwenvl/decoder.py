@@ -64,7 +64,8 @@ def project(layer, x, cached):
     `narrow_products.bfloat16_projection`, which reads the kernel's 16 bits
     where XLA's product would read a float32 copy; with int8 kernels on
     PyTorch's CPU, through `narrow_products.int8_projection` (one graph
-    under `torch.compile`, `torch._int_mm`)."""
+    under `torch.compile`, `torch._int_mm`), and on JAX's CPU for one
+    row, where XLA's product would read an int32 copy."""
     if cached and narrow_products.bfloat16_projection_applies(layer, x):
         return narrow_products.bfloat16_projection(layer, x)
     if cached and narrow_products.int8_projection_applies(layer, x):

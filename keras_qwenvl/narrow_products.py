@@ -30,18 +30,26 @@ benchmark's lm_head: 4.8 against 9.6 ms a step on F). The bits have no
 gradient with respect to the table, so only calls that need none (the
 cached passes of generation) take this path.
 
-int8 projections (`int8_projection`), PyTorch on CPU, in decoding steps.
-Keras' int8 Dense and EinsumDense layers multiply int8 by int8 with
-`ops.einsum` or `ops.matmul`, which PyTorch on CPU runs by converting both
-operands to wider types at every call, inside a custom-gradient wrapper;
-and under `torch.compile` their abs-max quantizer (`ops.max`) and scale
-layouts (tracked lists of axes) break the graph: the "small" benchmark's
-decoding step became 66 graphs, slower compiled than eager. Here the same
-computation, written for Dynamo: the activations quantized per row as
-Keras' `AbsMaxQuantizer` does (`quantize_rows`), `torch._int_mm` (int8 x
-int8 into int32, exact), then the layer's scales, bias and activation.
-The same values as the layer's own call; no gradient (the cached passes
-of generation only).
+int8 projections (`int8_projection`), PyTorch and JAX on CPU, in
+decoding steps. Keras' int8 Dense and EinsumDense layers multiply int8 by
+int8 with `ops.einsum` or `ops.matmul`. PyTorch on CPU runs that by
+converting both operands to wider types at every call, inside a
+custom-gradient wrapper; and under `torch.compile` their abs-max quantizer
+(`ops.max`) and scale layouts (tracked lists of axes) break the graph: the
+"small" benchmark's decoding step became 66 graphs, slower compiled than
+eager. XLA (JAX) converts each int8 kernel to int32 once, out of
+`generate`'s loop, and every step reads those 32-bit copies, as many bytes
+as a float32 model's blocks. Here the same computation: the activations
+quantized per row as Keras' `AbsMaxQuantizer` does (`quantize_rows`), the
+integer product, then the layer's scales, bias and activation. The product
+is `torch._int_mm` on PyTorch (int8 x int8 into int32, exact), written for
+Dynamo (one graph). On JAX, for one row (batch-1 decoding; with more rows
+XLA's product of the int32 copies is the faster, `INT8_MAX_ROWS`), the
+int8 kernel is widened to float32 inside each step, made to depend on the
+step's activations so that XLA cannot hoist it: a step reads the kernels'
+8 bits (exact integers while inputs x 127 x 127 < 2 ** 24, within float32
+rounding beyond). The same values as the layer's own call; no gradient
+(the cached passes of generation only).
 
 bfloat16 projections (`bfloat16_projection`), JAX on CPU, in decoding
 steps. The decoder blocks' bfloat16 kernels met the same widening out of
@@ -155,6 +163,20 @@ def _blocked_product(inputs, table, widen=_to_float32):
 # than XLA's at batch 1, 1.2x at 2 and as fast at 4 and 8.
 BFLOAT16_MAX_ROWS = 8
 
+# The same for `int8_projection` on JAX: at the "small" benchmark's sizes
+# on F, int8 decoding with it took 140 against 103 tokens/s with Keras'
+# layers at batch 1 (medians of five, alternated in one process), but
+# 0.9-0.96x of their speed at batch 2, 4 and 8, where XLA's product of
+# int32 copies of the kernels is faster than a float32 product after the
+# widening (which writes each kernel's float32 copy to the cache, about
+# 70 of 90 microseconds for a 512 x 1,536 kernel).
+INT8_MAX_ROWS = 1
+
+
+def _rows(inputs, reduced=1):
+    """How many rows of their `reduced` trailing axes `inputs` hold."""
+    return math.prod(inputs.shape[: len(inputs.shape) - reduced])
+
 
 def bfloat16_applies(inputs, kernel):
     """Whether `bfloat16_product` computes `inputs @ kernel` here: JAX on
@@ -163,10 +185,7 @@ def bfloat16_applies(inputs, kernel):
         return False
     if keras.backend.standardize_dtype(kernel.dtype) != "bfloat16":
         return False
-    rows = 1
-    for size in inputs.shape[:-1]:
-        rows *= size
-    return rows <= BFLOAT16_MAX_ROWS and _on_cpu(kernel)
+    return _rows(inputs) <= BFLOAT16_MAX_ROWS and _on_cpu(kernel)
 
 
 def bfloat16_product(inputs, kernel):
@@ -267,10 +286,12 @@ def _reduced_axes(layer):
 
 def int8_projection_applies(layer, inputs):
     """Whether `int8_projection(layer, inputs)` stands in for
-    `layer(inputs)`: PyTorch on CPU, a Dense or EinsumDense layer quantized
-    by `quantize("int8")` (no LoRA), with its reduced axes last in the
-    inputs and first in the kernel."""
-    if keras.config.backend() != "torch":
+    `layer(inputs)`: PyTorch on CPU, or JAX on CPU with at most
+    `INT8_MAX_ROWS` rows of inputs; a Dense or EinsumDense layer
+    quantized by `quantize("int8")` (no LoRA), with its reduced axes last
+    in the inputs and first in the kernel."""
+    backend = keras.config.backend()
+    if backend not in ("torch", "jax"):
         return False
     if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
         return False
@@ -280,7 +301,10 @@ def int8_projection_applies(layer, inputs):
         return False
     if not default_int8_quantizer(layer):
         return False
-    return _reduced_axes(layer) is not None and _on_cpu(inputs)
+    count = _reduced_axes(layer)
+    if count is None or not _on_cpu(inputs):
+        return False
+    return backend == "torch" or _rows(inputs, count) <= INT8_MAX_ROWS
 
 
 def quantize_rows(quantizer, rows):
@@ -297,20 +321,27 @@ def quantize_rows(quantizer, rows):
 
 def int8_projection(layer, inputs):
     """`layer(inputs)` for an int8 Dense or EinsumDense layer on PyTorch's
-    CPU: the activations quantized per row, `torch._int_mm`, the layer's
-    scales (see the module's docstring). No gradient."""
+    or JAX's CPU: the activations quantized per row, their integer product
+    with the kernel, the layer's scales (see the module's docstring). No
+    gradient."""
     count = _reduced_axes(layer)
     kernel = layer._kernel.value
     width = math.prod(kernel.shape[:count])
     outputs = math.prod(kernel.shape[count:])
-    rows = inputs.reshape(-1, width)
+    kernel = ops.reshape(kernel, (width, outputs))
+    rows = ops.reshape(inputs, (-1, width))
     quantized, rows_scale = quantize_rows(layer.inputs_quantizer, rows)
-    x = int_mm(quantized, kernel.reshape(width, outputs))
+    if keras.config.backend() == "torch":
+        x = int_mm(quantized, kernel)
+    else:
+        # Widened after this call's inputs exist: not out of the loop.
+        wide = ops.cast(after(kernel, inputs), "float32")
+        x = ops.matmul(ops.cast(quantized, "float32"), wide)
     x = ops.cast(x, layer.compute_dtype)
-    scale = layer.kernel_scale.value.reshape(1, outputs)
+    scale = ops.reshape(layer.kernel_scale.value, (1, outputs))
     x = ops.divide(x, ops.multiply(rows_scale, scale))
-    lead = inputs.shape[: inputs.ndim - count]
-    x = x.reshape(*lead, *kernel.shape[count:])
+    lead = tuple(inputs.shape[: len(inputs.shape) - count])
+    x = ops.reshape(x, (*lead, *layer._kernel.shape[count:]))
     if layer.bias is not None:
         x = ops.add(x, layer.bias)
     if layer.activation is not None:

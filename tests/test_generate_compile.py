@@ -409,6 +409,47 @@ def test_torch_compiled_step_falls_back():
     assert modes[-1] == "guarded"
 
 
+def compiled_generation(causal_lm, inputs, smallest_kernel):
+    """`causal_lm`'s generation compiled by XLA (JAX): its text, the
+    kernel-sized 32-bit arrays (float or integer, as "f32[64,40]") that
+    its loops carry, and the tokens it generates."""
+    import re
+
+    import jax
+
+    variables = (
+        causal_lm.trainable_variables + causal_lm.non_trainable_variables
+    )
+    values = [v.value for v in variables]
+
+    # A new function each time: JAX reuses the trace of one it has seen.
+    def generate(values, inputs):
+        mapping = list(zip(variables, values))
+        with keras.StatelessScope(state_mapping=mapping):
+            return causal_lm.generate_step(inputs)["token_ids"]
+
+    causal_lm.compile(sampler="greedy")
+    function = jax.jit(generate)
+    text = function.lower(values, inputs).compile().as_text()
+    carried = set()
+    for line in text.splitlines():
+        if " while(" in line:
+            carried_types = line.split(" while(")[0]
+            for kind, dims in re.findall(r"([fs]32)\[([\d,]+)\]",
+                                          carried_types):
+                size = np.prod([int(d) for d in dims.split(",")])
+                if size >= smallest_kernel:
+                    carried.add(f"{kind}[{dims}]")
+    return text, carried, np.asarray(function(values, inputs))
+
+
+def smallest_kernel_size(backbone):
+    return min(
+        int(np.prod(v.shape)) for v in backbone.weights
+        if v.path.endswith("/kernel")
+    )
+
+
 @pytest.mark.skipif(
     keras.config.backend() != "jax", reason="inspects XLA's compiled loop"
 )
@@ -422,8 +463,6 @@ def test_bfloat16_generation_keeps_no_float32_table(monkeypatch):
     generates the same tokens as without those paths."""
     import re
 
-    import jax
-
     from keras_qwenvl import narrow_products
 
     # 1,000 x 64 tables in blocks of 50 vocabulary rows.
@@ -433,44 +472,58 @@ def test_bfloat16_generation_keeps_no_float32_table(monkeypatch):
         hidden_dim=64, num_heads=4,
     )
     causal_lm = QwenVLCausalLM(backbone)
-    variables = (
-        causal_lm.trainable_variables + causal_lm.non_trainable_variables
-    )
-    values = [v.value for v in variables]
-    smallest_kernel = min(
-        int(np.prod(v.shape)) for v in backbone.weights
-        if v.path.endswith("/kernel")
-    )
+    smallest = smallest_kernel_size(backbone)
     ids = np.zeros((1, 24), "int32")
     ids[:, :5] = [3, 4, 5, 6, 7]
     inputs = {"token_ids": ids, "padding_mask": ids != 0}
 
-    def compiled():
-        # A new function each time: JAX reuses the trace of one it has seen.
-        def generate(values, inputs):
-            mapping = list(zip(variables, values))
-            with keras.StatelessScope(state_mapping=mapping):
-                return causal_lm.generate_step(inputs)["token_ids"]
+    def tables(text):
+        return set(re.findall(r"f32\[(?:1000,64|64,1000)\]", text))
 
-        causal_lm.compile(sampler="greedy")
-        function = jax.jit(generate)
-        text = function.lower(values, inputs).compile().as_text()
-        tables = set(re.findall(r"f32\[(?:1000,64|64,1000)\]", text))
-        carried = set()  # float32 arrays of kernel size that loops carry
-        for line in text.splitlines():
-            if " while(" in line:
-                for dims in re.findall(r"f32\[([\d,]+)\]",
-                                       line.split(" while(")[0]):
-                    size = np.prod([int(d) for d in dims.split(",")])
-                    if size >= smallest_kernel:
-                        carried.add(dims)
-        return tables, carried, np.asarray(function(values, inputs))
-
-    tables, carried, tokens = compiled()
-    assert not tables
+    text, carried, tokens = compiled_generation(causal_lm, inputs, smallest)
+    assert not tables(text)
     assert not carried
     monkeypatch.setattr(narrow_products, "BFLOAT16_MAX_ROWS", 0)
-    tables, carried, plain_tokens = compiled()
-    assert tables  # XLA's product widens the lm_head's table
-    assert {"64,40", "40,64"} <= carried  # and the MLP's kernels
+    text, carried, plain_tokens = compiled_generation(
+        causal_lm, inputs, smallest
+    )
+    assert tables(text)  # XLA's product widens the lm_head's table
+    assert {"f32[64,40]", "f32[40,64]"} <= carried  # and the MLP's kernels
     np.testing.assert_array_equal(tokens, plain_tokens)
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax", reason="inspects XLA's compiled loop"
+)
+def test_int8_generation_reads_int8_kernels(monkeypatch):
+    """An int8 model's compiled decoding loop carries no wider copy of the
+    blocks' kernels: each step widens the int8 kernels it reads
+    (`narrow_products.int8_projection`), where Keras' int8 layers had XLA
+    convert every kernel to int32 once, out of the loop, so that every
+    step read 32 bits. It generates the same tokens as Keras' layers."""
+    from keras_qwenvl import narrow_products
+
+    # The lm_head's 1,000 x 64 table in blocks of 50 rows (one block would
+    # be widened out of the loop, as a table of Qwen's size is not).
+    monkeypatch.setattr(narrow_products, "BLOCK_BYTES", 4 * 64 * 50)
+    backbone = tiny_backbone(
+        vision=False, vocabulary_size=1000, hidden_dim=64, num_heads=4,
+    )
+    causal_lm = QwenVLCausalLM(backbone)
+    causal_lm.quantize("int8")
+    smallest = smallest_kernel_size(backbone)
+    ids = np.zeros((1, 24), "int32")
+    ids[:, :5] = [3, 4, 5, 6, 7]
+    inputs = {"token_ids": ids, "padding_mask": ids != 0}
+
+    _, carried, tokens = compiled_generation(causal_lm, inputs, smallest)
+    assert not carried
+    monkeypatch.setattr(
+        narrow_products, "int8_projection_applies", lambda *args: False
+    )
+    _, carried, keras_tokens = compiled_generation(
+        causal_lm, inputs, smallest
+    )
+    # Keras' layers: the MLP's kernels carried as int32.
+    assert {"s32[64,40]", "s32[40,64]"} <= carried
+    np.testing.assert_array_equal(tokens, keras_tokens)

@@ -1,7 +1,8 @@
 """`narrow_products`' projections for generation's decoding steps: a
 decoder block's Dense and EinsumDense layers with their bfloat16 kernels
 read as 16 bits (JAX on CPU), and with int8 kernels through
-`torch._int_mm` (PyTorch on CPU)."""
+`torch._int_mm` (PyTorch on CPU) or widened inside the step (JAX on
+CPU)."""
 
 import keras
 import numpy as np
@@ -82,11 +83,14 @@ def test_bfloat16_projection_applies_only_to_plain_narrow_layers():
 def test_int8_projection_is_the_layers_call(kind):
     """An int8 layer's outputs, the same values as Keras' own int8 call
     (the same quantized activations, exact integer products, the same
-    scaling), where it applies: on PyTorch."""
+    scaling), where it applies: on PyTorch and JAX."""
     layer, inputs = projection(kind, dtype="float32")
     layer.quantize("int8")
-    assert narrow_products.int8_projection_applies(layer, inputs) == TORCH
-    if not TORCH:
+    if JAX:
+        inputs = inputs[:1]  # one row, where it applies on JAX
+    applies = TORCH or JAX
+    assert narrow_products.int8_projection_applies(layer, inputs) == applies
+    if not applies:
         return
     ours = narrow_products.int8_projection(layer, inputs)
     theirs = layer(inputs)
@@ -98,12 +102,21 @@ def test_int8_projection_is_the_layers_call(kind):
 
 def test_int8_projection_applies_only_to_plain_int8_layers():
     """Not to float kernels, LoRA on an int8 layer, nor an equation whose
-    reduced axes are not the inputs' last (on PyTorch, where it
-    applies at all)."""
+    reduced axes are not the inputs' last (on PyTorch and JAX, where it
+    applies at all); on JAX, not to more than `INT8_MAX_ROWS` rows (a
+    prompt's pass, a batch's decoding step)."""
     layer, inputs = projection("query", dtype="float32")
     assert not narrow_products.int8_projection_applies(layer, inputs)
     layer.quantize("int8")
+    applies = TORCH or JAX
+    one = inputs[:1]
+    assert narrow_products.int8_projection_applies(layer, one) == applies
     assert narrow_products.int8_projection_applies(layer, inputs) == TORCH
+    output, heads = projection("attention_output", dtype="float32")
+    output.quantize("int8")
+    one = heads[:1]  # one row of 4 x 16
+    assert narrow_products.int8_projection_applies(output, one) == applies
+    assert narrow_products.int8_projection_applies(output, heads) == TORCH
     layer.enable_lora(2)
     assert not narrow_products.int8_projection_applies(layer, inputs)
     middle = keras.layers.EinsumDense("bdt,dn->btn", output_shape=(3, 6))
