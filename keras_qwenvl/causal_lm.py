@@ -501,8 +501,12 @@ class QwenVLCausalLM(QwenVLPresetMixin, RawExamplesMixin, CausalLM):
         if getattr(self, "_compiled_decoding_step", None) is None:
             from keras_qwenvl import torch_decoding
 
+            int8 = any(
+                getattr(layer, "quantization_mode", None) == "int8"
+                for layer in self._flatten_layers()
+            )
             self._compiled_decoding_step = torch_decoding.CompiledStep(
-                self.call_with_cache
+                self.call_with_cache, int8=int8
             )
         return self._compiled_decoding_step.generation()
 

@@ -9,7 +9,10 @@ PyTorch converts both operands to float32 at every call (105 ms for
 Qwen's 151,936 x 512 table on the 2-core benchmark machine). Here the
 table is laid out by vocabulary rows, (vocabulary, hidden), and
 
-- PyTorch multiplies with `torch._int_mm` (int8 x int8 into int32, exact);
+- PyTorch multiplies with `torch._int_mm` (int8 x int8 into int32, exact),
+  and one row under `torch.compile` as a multiply and a sum that Inductor
+  runs as one loop over the int8 table (integers in float32, exact as
+  below);
 - JAX and TensorFlow convert one block of rows at a time to float32 and
   multiply it, inside a loop, so that a step reads the int8 table once
   and each block's float32 copy stays in cache; the products are exact
@@ -88,12 +91,24 @@ def _on_cpu(table):
 def product(inputs, table):
     """`inputs @ table.T` for int8 inputs (..., hidden) and an int8 table
     (vocabulary, hidden): int32 (PyTorch and off CPU) or float32 holding
-    the integer products."""
+    the integer products.
+
+    On PyTorch, one row under `torch.compile` is a multiply and a sum
+    over the hidden axis, which Inductor runs as one loop reading the
+    int8 table (the "small" benchmark's lm_head: 3.3 against 8.2 ms a
+    step with `torch._int_mm`, F), provided the row is computed before
+    that loop, not inside it for every vocabulary row
+    (`torch_decoding.INT8_INDUCTOR_OPTIONS`)."""
     if not _on_cpu(table):
         return ops.matmul(inputs, ops.transpose(table))
     if keras.config.backend() == "torch":
+        import torch
+
         rows = inputs.reshape(-1, inputs.shape[-1])
-        out = int_mm(rows, table.t())
+        if rows.shape[0] == 1 and torch.compiler.is_compiling():
+            out = (rows.float()[:, None, :] * table.float()).sum(-1)
+        else:
+            out = int_mm(rows, table.t())
         return out.reshape(*inputs.shape[:-1], table.shape[0])
     return _blocked_product(inputs, table)
 

@@ -170,3 +170,34 @@ def test_int_mm_of_rows_made_in_a_compiled_graph(rows):
     assert eager.abs().max() > 1000
     compiled = torch.compile(logits, fullgraph=True, dynamic=False)(hidden)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not TORCH, reason="torch.compile is PyTorch's")
+def test_compiled_one_row_product_is_the_integer_product():
+    """Under `torch.compile` (with the options an int8 model's decoding
+    step compiles with), `product` of one row quantized inside the graph
+    is a multiply and a sum: the same integers as `torch._int_mm`
+    eagerly."""
+    import torch
+    from keras.quantizers import AbsMaxQuantizer
+
+    from keras_qwenvl import torch_decoding
+
+    quantizer = AbsMaxQuantizer(axis=-1)
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randint(-127, 128, (1000, 64), dtype=torch.int8,
+                          generator=generator)
+
+    def logits(hidden):
+        quantized, _ = narrow_products.quantize_rows(quantizer, hidden)
+        return narrow_products.product(quantized, table)
+
+    hidden = torch.randn(1, 1, 64, generator=generator)
+    eager = logits(hidden)
+    assert eager.dtype == torch.int32 and eager.abs().max() > 1000
+    compiled = torch.compile(
+        logits, fullgraph=True, dynamic=False,
+        options=torch_decoding.INT8_INDUCTOR_OPTIONS,
+    )(hidden)
+    assert compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, eager.float(), rtol=0, atol=0)
