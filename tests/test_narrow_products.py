@@ -147,12 +147,9 @@ def test_quantize_rows_is_keras_abs_max_quantizer():
         )
 
 
-@pytest.mark.skipif(not TORCH, reason="torch._int_mm is PyTorch's")
-@pytest.mark.parametrize("rows", [1, 3])
-def test_int_mm_of_rows_made_in_a_compiled_graph(rows):
-    """`int_mm` of activations quantized inside a `torch.compile`d graph
-    gives the eager integers, one row included (Inductor hands that row to
-    ATen with a stride of 0, which `torch._int_mm` alone misreads)."""
+def int8_table():
+    """PyTorch: a function quantizing activations as Keras' int8 layers
+    do, a random int8 (1000, 64) table, and the generator that made it."""
     import torch
     from keras.quantizers import AbsMaxQuantizer
 
@@ -161,8 +158,24 @@ def test_int_mm_of_rows_made_in_a_compiled_graph(rows):
     table = torch.randint(-127, 128, (1000, 64), dtype=torch.int8,
                           generator=generator)
 
+    def quantize(hidden):
+        return narrow_products.quantize_rows(quantizer, hidden)[0]
+
+    return quantize, table, generator
+
+
+@pytest.mark.skipif(not TORCH, reason="torch._int_mm is PyTorch's")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int_mm_of_rows_made_in_a_compiled_graph(rows):
+    """`int_mm` of activations quantized inside a `torch.compile`d graph
+    gives the eager integers, one row included (Inductor hands that row to
+    ATen with a stride of 0, which `torch._int_mm` alone misreads)."""
+    import torch
+
+    quantize, table, generator = int8_table()
+
     def logits(hidden):
-        quantized, _ = narrow_products.quantize_rows(quantizer, hidden)
+        quantized = quantize(hidden)
         return narrow_products.int_mm(quantized.reshape(-1, 64), table.t())
 
     hidden = torch.randn(rows, 1, 64, generator=generator)
@@ -179,18 +192,13 @@ def test_compiled_one_row_product_is_the_integer_product():
     is a multiply and a sum: the same integers as `torch._int_mm`
     eagerly."""
     import torch
-    from keras.quantizers import AbsMaxQuantizer
 
     from keras_qwenvl import torch_decoding
 
-    quantizer = AbsMaxQuantizer(axis=-1)
-    generator = torch.Generator().manual_seed(0)
-    table = torch.randint(-127, 128, (1000, 64), dtype=torch.int8,
-                          generator=generator)
+    quantize, table, generator = int8_table()
 
     def logits(hidden):
-        quantized, _ = narrow_products.quantize_rows(quantizer, hidden)
-        return narrow_products.product(quantized, table)
+        return narrow_products.product(quantize(hidden), table)
 
     hidden = torch.randn(1, 1, 64, generator=generator)
     eager = logits(hidden)
