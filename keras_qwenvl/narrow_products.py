@@ -175,7 +175,11 @@ def _blocked_product(inputs, table, widen=_to_float32):
 # and `bfloat16_projection` are taken. They widen their weights at every
 # call, a cost that more rows do not share: at the "small" benchmark's
 # sizes on F the decoding step with the lm_head's path was 1.4x faster
-# than XLA's at batch 1, 1.2x at 2 and as fast at 4 and 8.
+# than XLA's at batch 1, 1.2x at 2 and as fast at 4 and 8. On a 2-core
+# Intel Xeon (README, "An Intel Xeon with AMX") it was 0.8x as fast at
+# batch 1: XLA's loop of widening and product runs there at about 10 G
+# weights a second, and one core streams half the memory bandwidth.
+# Setting 0 before generating turns the bfloat16 paths off.
 BFLOAT16_MAX_ROWS = 8
 
 # The same for `int8_projection` on JAX: at the "small" benchmark's sizes
