@@ -16,7 +16,7 @@ from keras_qwenvl.initializers import projection_initializer
 from keras_qwenvl.layer_norm import QwenVLLayerNorm
 from keras_qwenvl.position_tables import resize_position_table
 from keras_qwenvl.position_tables import sincos_2d_table
-from keras_qwenvl.softmax import softmax_weighted_sum
+from keras_qwenvl.softmax import attention_weighted_sum
 
 
 @keras.saving.register_keras_serializable(package="keras_qwenvl")
@@ -92,12 +92,7 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
             q = ops.broadcast_to(q, (ops.shape(k)[0],) + tuple(q.shape[1:]))
         k = ops.transpose(k, (0, 2, 1, 3))
         v = ops.transpose(v, (0, 2, 1, 3))
-        scores = ops.cast(ops.einsum("bnth,bnsh->bnts", q, k), "float32")
-        if attention_mask is not None:
-            scores = ops.where(
-                attention_mask[None, None], scores, ops.full_like(scores, -1e30)
-            )
-        out = softmax_weighted_sum(scores, v)
+        out = attention_weighted_sum(q, k, v, attention_mask)
         return self.attention_output(ops.transpose(out, (0, 2, 1, 3)))
 
     def get_config(self):

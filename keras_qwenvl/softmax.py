@@ -1,5 +1,6 @@
-"""The attention softmax, whose gradient keeps only its output, and the
-softmax-weighted sum of values."""
+"""The attention softmax, whose gradient keeps only its output, the
+softmax-weighted sum of values, and the attention of heads-first
+queries, keys and values built on them."""
 
 import keras
 from keras import ops
@@ -65,3 +66,56 @@ def softmax_weighted_sum(scores, values):
     total = ops.sum(weights, axis=-1, keepdims=True)
     out = ops.matmul(ops.cast(weights, values.dtype), values)
     return out / ops.cast(total, out.dtype)
+
+
+# Bytes of float32 scores above which JAX computes attention one head at
+# a time (`attention_weighted_sum`).
+HEAD_LOOP_BYTES = 1 << 25
+
+
+def attention_weighted_sum(query, key, value, mask=None):
+    """`softmax(query @ key^T) @ value` for heads-first query (b, n, t, h)
+    and key and value (b, n, s, h); the scores in float32, where the
+    optional bool `mask` (t, s), shared by every row and head, is False
+    they are -1e30. Returns (b, n, t, h).
+
+    On JAX, when the scores take more than `HEAD_LOOP_BYTES`, the heads
+    of every row are computed one at a time inside a loop, so that each
+    head's scores stay in cache between their product, their softmax and
+    the product with the values, instead of a (b, n, t, s) array written
+    to memory and read back. The same values. The "base" ViT at batch 4
+    (4 x 8 heads of 1,024 x 1,024 scores, 134 MB; an Intel Xeon with 2
+    MB of L2 per core): 64 against 151 ms a layer for this product, 45%
+    of a block's time before. XLA's batched product with 64-wide heads
+    also ran at 128 GFLOP/s against 181 for one head's.
+    """
+
+    def heads(q, k, v):
+        scores = ops.cast(ops.einsum("bnth,bnsh->bnts", q, k), "float32")
+        if mask is not None:
+            scores = ops.where(
+                mask[None, None], scores, ops.full_like(scores, -1e30)
+            )
+        return softmax_weighted_sum(scores, v)
+
+    rows, count, length = query.shape[:3]
+    sources = key.shape[2]
+    if (
+        keras.config.backend() != "jax"
+        or None in (rows, count, length, sources)
+        or rows * count == 1
+        or rows * count * length * sources * 4 <= HEAD_LOOP_BYTES
+    ):
+        return heads(query, key, value)
+
+    def one_head(arrays):
+        return heads(*(ops.reshape(x, (1, 1) + x.shape) for x in arrays))
+
+    out = ops.map(
+        one_head,
+        tuple(
+            ops.reshape(x, (rows * count,) + x.shape[2:])
+            for x in (query, key, value)
+        ),
+    )
+    return ops.reshape(out, (rows, count, length, value.shape[-1]))

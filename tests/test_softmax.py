@@ -1,5 +1,7 @@
 """`attention_softmax`: Keras' softmax, with a gradient that keeps only the
-output on JAX; `softmax_weighted_sum`: softmax(scores) @ values."""
+output on JAX; `softmax_weighted_sum`: softmax(scores) @ values;
+`attention_weighted_sum`: the attention of heads-first queries, keys and
+values, one head at a time on JAX for large scores."""
 
 import keras
 import numpy as np
@@ -8,7 +10,9 @@ from keras import ops
 
 from gradients import gradient
 
+from keras_qwenvl import softmax
 from keras_qwenvl.softmax import attention_softmax
+from keras_qwenvl.softmax import attention_weighted_sum
 from keras_qwenvl.softmax import softmax_weighted_sum
 
 
@@ -154,3 +158,72 @@ def test_jax_divides_the_output_and_keeps_one_scores_array():
     # (t, h) product before it, a quarter of a scores array here
     product_bytes = 2 * 4 * 128 * 32 * 4
     assert ours <= kept + LAYERS * product_bytes, (ours, kept)
+
+
+def attention_inputs():
+    rng = np.random.default_rng(2)
+    query = rng.normal(size=(2, 3, 5, 4)).astype("float32")
+    key, value = rng.normal(size=(2, 2, 3, 7, 4)).astype("float32")
+    mask = rng.random((5, 7)) > 0.3
+    mask[:, 0] = True  # every query sees a key
+    return query, key, value, mask
+
+
+def keras_attention(query, key, value, mask):
+    scores = ops.einsum("bnth,bnsh->bnts", query, key)
+    scores = ops.where(mask[None, None], scores, -1e30)
+    return ops.matmul(ops.softmax(scores, axis=-1), value)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 25])
+def test_attention_values_and_gradients_equal_keras(monkeypatch, limit):
+    """With any scores size (0: JAX loops over the six heads), the values
+    and the gradients of the query, key and value are Keras' softmax
+    attention's, masked keys ignored."""
+    monkeypatch.setattr(softmax, "HEAD_LOOP_BYTES", limit)
+    query, key, value, mask = attention_inputs()
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(attention_weighted_sum(query, key, value, mask)),
+        ops.convert_to_numpy(keras_attention(query, key, value, mask)),
+        rtol=1e-5, atol=1e-6,
+    )
+    upstream = np.random.default_rng(3).normal(size=(2, 3, 5, 4))
+    upstream = ops.convert_to_tensor(upstream.astype("float32"))
+    for argument in range(3):
+
+        def loss(function, x):
+            inputs = [query, key, value]
+            inputs[argument] = x
+            return ops.sum(function(*inputs, mask) * upstream)
+
+        start = (query, key, value)[argument]
+        ours = gradient(lambda x: loss(attention_weighted_sum, x), start)
+        theirs = gradient(lambda x: loss(keras_attention, x), start)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+        assert np.abs(ours).max() > 0.1
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="the loop over heads in XLA's compiled function (JAX)",
+)
+def test_jax_large_scores_are_computed_one_head_at_a_time(monkeypatch):
+    """Scores above `HEAD_LOOP_BYTES` are never a (rows, heads, t, s)
+    array: a loop computes one head's; below it, one batched product."""
+    import jax
+
+    query, key, value, mask = attention_inputs()
+
+    def compiled():
+        function = jax.jit(
+            lambda q, k, v: attention_weighted_sum(q, k, v, mask)
+        )
+        return function.lower(query, key, value).compile().as_text()
+
+    whole = compiled()
+    assert "f32[2,3,5,7]" in whole and " while(" not in whole
+    # Just below this example's 2 x 3 x 5 x 7 float32 scores.
+    monkeypatch.setattr(softmax, "HEAD_LOOP_BYTES", 2 * 3 * 5 * 7 * 4 - 1)
+    looped = compiled()
+    assert " while(" in looped
+    assert "f32[2,3,5,7]" not in looped
