@@ -78,7 +78,9 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
         self.attention_output.build((None, None, self.num_heads, self.head_dim))
         self.built = True
 
-    def call(self, query, key=None, value=None, attention_mask=None):
+    def call(
+        self, query, key=None, value=None, attention_mask=None, training=None
+    ):
         key = query if key is None else key
         value = key if value is None else value
         q = self.query(query)
@@ -92,7 +94,11 @@ class QwenVLMultiHeadAttention(keras.layers.Layer):
             q = ops.broadcast_to(q, (ops.shape(k)[0],) + tuple(q.shape[1:]))
         k = ops.transpose(k, (0, 2, 1, 3))
         v = ops.transpose(v, (0, 2, 1, 3))
-        out = attention_weighted_sum(q, k, v, attention_mask)
+        # Heads one at a time for large scores, outside training
+        # (`attention_weighted_sum`).
+        out = attention_weighted_sum(
+            q, k, v, attention_mask, loop_heads=not training
+        )
         return self.attention_output(ops.transpose(out, (0, 2, 1, 3)))
 
     def get_config(self):
@@ -207,7 +213,7 @@ class QwenVLAdapter(keras.layers.Layer):
             )
         self.built = True
 
-    def call(self, patches):
+    def call(self, patches, training=None):
         num_patches = patches.shape[1]
         patch_grid = int(round(math.sqrt(num_patches)))
         kv = self.ln_kv(self.kv_proj(patches))
@@ -216,7 +222,10 @@ class QwenVLAdapter(keras.layers.Layer):
         # One row of queries: projected once, shared by every image.
         queries = (self.ln_q(ops.cast(self.query, kv.dtype)) + pos)[None]
         return self.attention(
-            queries, kv + ops.cast(key_pos, kv.dtype)[None], kv
+            queries,
+            kv + ops.cast(key_pos, kv.dtype)[None],
+            kv,
+            training=training,
         )
 
     def compute_output_shape(self, input_shape):

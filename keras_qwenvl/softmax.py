@@ -73,21 +73,25 @@ def softmax_weighted_sum(scores, values):
 HEAD_LOOP_BYTES = 1 << 25
 
 
-def attention_weighted_sum(query, key, value, mask=None):
+def attention_weighted_sum(query, key, value, mask=None, loop_heads=True):
     """`softmax(query @ key^T) @ value` for heads-first query (b, n, t, h)
     and key and value (b, n, s, h); the scores in float32, where the
     optional bool `mask` (t, s), shared by every row and head, is False
     they are -1e30. Returns (b, n, t, h).
 
-    On JAX, when the scores take more than `HEAD_LOOP_BYTES`, the heads
-    of every row are computed one at a time inside a loop, so that each
+    On JAX, with `loop_heads` and scores of more than `HEAD_LOOP_BYTES`,
+    the heads of every row are computed one at a time inside a loop, so
+    that each
     head's scores stay in cache between their product, their softmax and
     the product with the values, instead of a (b, n, t, s) array written
     to memory and read back. The same values. The "base" ViT at batch 4
     (4 x 8 heads of 1,024 x 1,024 scores, 134 MB; an Intel Xeon with 2
     MB of L2 per core): 64 against 151 ms a layer for this product, 45%
     of a block's time before. XLA's batched product with 64-wide heads
-    also ran at 128 GFLOP/s against 181 for one head's.
+    also ran at 128 GFLOP/s against 181 for one head's. Training calls
+    pass `loop_heads=False`: under a gradient the loop's saved values took
+    more memory (the "base" training step with remat: 11.33 against 9.28
+    GB, as fast).
     """
 
     def heads(q, k, v):
@@ -102,6 +106,7 @@ def attention_weighted_sum(query, key, value, mask=None):
     sources = key.shape[2]
     if (
         keras.config.backend() != "jax"
+        or not loop_heads
         or None in (rows, count, length, sources)
         or rows * count == 1
         or rows * count * length * sources * 4 <= HEAD_LOOP_BYTES

@@ -84,7 +84,9 @@ class QwenVLVisionBlock(keras.layers.Layer):
 
     def call(self, x, attention_mask=None, training=None):
         def forward(x):
-            x = x + self.attention(self.ln_1(x), attention_mask=attention_mask)
+            x = x + self.attention(
+                self.ln_1(x), attention_mask=attention_mask, training=training
+            )
             h = exact_gelu(self.mlp_fc(self.ln_2(x)))
             return x + self.mlp_proj(h)
 
@@ -323,7 +325,9 @@ class QwenVLVisionEncoder(keras.layers.Layer):
                 features,
                 (batch, slots, self.num_queries, self.output_dim),
             )
-        x = self.adapter(self.patch_features(pixels, training=training))
+        x = self.adapter(
+            self.patch_features(pixels, training=training), training=training
+        )
         return self.proj(self.ln_post(x))
 
     def patch_features(self, pixels, training=None):

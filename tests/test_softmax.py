@@ -227,3 +227,48 @@ def test_jax_large_scores_are_computed_one_head_at_a_time(monkeypatch):
     looped = compiled()
     assert " while(" in looped
     assert "f32[2,3,5,7]" not in looped
+    # Training calls keep one batched product (`loop_heads=False`).
+    training = jax.jit(
+        lambda q, k, v: attention_weighted_sum(q, k, v, mask, False)
+    )
+    text = training.lower(query, key, value).compile().as_text()
+    assert "f32[2,3,5,7]" in text and " while(" not in text
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax",
+    reason="the loop over heads in XLA's compiled function (JAX)",
+)
+def test_jax_attention_layer_loops_over_heads_outside_training(monkeypatch):
+    """The attention layer (ViT and adapter) loops over the heads of large
+    scores in inference, not in a training call (where the loop's saved
+    values took more memory), also inside a ViT block, which passes its
+    `training` on; the same values either way."""
+    import jax
+
+    from keras_qwenvl.adapter import QwenVLMultiHeadAttention
+    from keras_qwenvl.vision_encoder import QwenVLVisionBlock
+
+    monkeypatch.setattr(softmax, "HEAD_LOOP_BYTES", 0)
+    x = np.random.default_rng(4).normal(size=(2, 6, 8)).astype("float32")
+    for layer in (
+        QwenVLMultiHeadAttention(num_heads=2, head_dim=4),
+        QwenVLVisionBlock(num_heads=2, intermediate_dim=16),
+    ):
+        layer.build(x.shape)
+        variables = [v.value for v in layer.trainable_variables]
+        outputs, texts = [], []
+        for training in (False, True):
+
+            def call(variables, x, layer=layer, training=training):
+                return layer.stateless_call(
+                    variables, [], x, training=training
+                )[0]
+
+            function = jax.jit(call)
+            outputs.append(np.asarray(function(variables, x)))
+            texts.append(function.lower(variables, x).compile().as_text())
+        assert " while(" in texts[0] and " while(" not in texts[1], layer
+        np.testing.assert_allclose(
+            outputs[0], outputs[1], rtol=1e-5, atol=1e-6
+        )
