@@ -81,17 +81,16 @@ def attention_weighted_sum(query, key, value, mask=None, loop_heads=True):
 
     On JAX, with `loop_heads` and scores of more than `HEAD_LOOP_BYTES`,
     the heads of every row are computed one at a time inside a loop, so
-    that each
-    head's scores stay in cache between their product, their softmax and
-    the product with the values, instead of a (b, n, t, s) array written
-    to memory and read back. The same values. The "base" ViT at batch 4
-    (4 x 8 heads of 1,024 x 1,024 scores, 134 MB; an Intel Xeon with 2
-    MB of L2 per core): 64 against 151 ms a layer for this product, 45%
-    of a block's time before. XLA's batched product with 64-wide heads
-    also ran at 128 GFLOP/s against 181 for one head's. Training calls
-    pass `loop_heads=False`: under a gradient the loop's saved values took
-    more memory (the "base" training step with remat: 11.33 against 9.28
-    GB, as fast).
+    that each head's scores stay in cache between their product, their
+    softmax and the product with the values, instead of a (b, n, t, s)
+    array written to memory and read back. The same values. The "base"
+    ViT at batch 4 (4 x 8 heads of 1,024 x 1,024 scores, 134 MB; an Intel
+    Xeon with 2 MB of L2 per core): 64 against 151 ms a layer for this
+    product, about 40% of a block's time before; XLA's batched product
+    with 64-wide heads ran at 128 GFLOP/s against 181 for one head's.
+    Training calls pass `loop_heads=False`: under a gradient the loop's
+    saved values took more memory (the "base" training step with remat:
+    11.33 against 9.28 GB, as fast).
     """
 
     def heads(q, k, v):
