@@ -172,7 +172,7 @@ def attention_inputs():
 def keras_attention(query, key, value, mask):
     scores = ops.einsum("bnth,bnsh->bnts", query, key)
     scores = ops.where(mask[None, None], scores, -1e30)
-    return ops.matmul(ops.softmax(scores, axis=-1), value)
+    return keras_weighted_sum(scores, value)
 
 
 @pytest.mark.parametrize("limit", [0, 1 << 25])
