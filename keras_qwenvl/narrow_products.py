@@ -281,7 +281,7 @@ def default_int8_quantizer(layer):
     )
 
 
-def _reduced_axes(layer):
+def reduced_axes(layer):
     """How many trailing axes of `layer`'s inputs its product reduces, or
     None where they are not also the kernel's leading axes with the
     output the inputs' other axes then the kernel's (Dense: 1)."""
@@ -320,7 +320,7 @@ def int8_projection_applies(layer, inputs):
         return False
     if not default_int8_quantizer(layer):
         return False
-    count = _reduced_axes(layer)
+    count = reduced_axes(layer)
     if count is None or not _on_cpu(inputs):
         return False
     return backend == "torch" or _rows(inputs, count) <= INT8_MAX_ROWS
@@ -343,7 +343,7 @@ def int8_projection(layer, inputs):
     or JAX's CPU: the activations quantized per row, their integer product
     with the kernel, the layer's scales (see the module's docstring). No
     gradient."""
-    count = _reduced_axes(layer)
+    count = reduced_axes(layer)
     kernel = layer._kernel.value
     width = math.prod(kernel.shape[:count])
     outputs = math.prod(kernel.shape[count:])

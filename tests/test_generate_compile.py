@@ -119,6 +119,56 @@ def test_tensorflow_generates_under_xla_unless_told_not_to(causal_lm):
     assert len(with_xla[0]) > len(inputs["prompts"][0])
 
 
+def tensorflow_looped_products(causal_lm, inputs):
+    """The products that TensorFlow's XLA compiles into loop fusions
+    (element by element) in the generate function, and its tokens."""
+    import re
+
+    import tensorflow as tf
+
+    causal_lm.generate_function = None
+    function = causal_lm.make_generate_function()
+    inputs = {key: tf.constant(value) for key, value in inputs.items()}
+    text = function.experimental_get_compiler_ir(inputs, None)(
+        stage="optimized_hlo"
+    )
+    products = []
+    for name in set(re.findall(r"kind=kLoop, calls=%([\w.\-]+)", text)):
+        body = text[text.index(f"\n%{name} ") :]
+        body = body[: body.index("\n}\n")]
+        products += re.findall(r"= (\w+\[[\d,]*\])\S* dot\(", body)
+    tokens = function(inputs, None)["token_ids"]
+    return products, ops.convert_to_numpy(tokens)
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "tensorflow", reason="TensorFlow's XLA"
+)
+def test_tensorflow_batch_one_decoding_runs_library_products(monkeypatch):
+    """At batch 1 the attention's projections stay XLA library products
+    (`decoder.two_row_projection`): a one-row product by an EinsumDense
+    kernel was fused into a loop that reads the kernel by columns, 7x
+    slower at hidden 1,024. The same tokens as the layers' own call."""
+    from keras_qwenvl import decoder
+
+    backbone = tiny_backbone(vision=False, hidden_dim=64, num_heads=4)
+    causal_lm = QwenVLCausalLM(backbone)
+    causal_lm.compile(sampler="greedy")
+    ids = np.zeros((1, 24), "int32")
+    ids[:, :5] = [3, 4, 5, 6, 7]
+    inputs = {"token_ids": ids, "padding_mask": (ids != 0).astype("int32")}
+    looped, tokens = tensorflow_looped_products(causal_lm, inputs)
+    assert not looped
+    monkeypatch.setattr(
+        decoder, "two_row_projection_applies", lambda *args: False
+    )
+    looped, layer_tokens = tensorflow_looped_products(causal_lm, inputs)
+    # The layers' own calls: at least each block's query, key, value and
+    # output projections in the decoding loop.
+    assert len(looped) >= 4 * len(backbone.transformer_layers), looped
+    np.testing.assert_array_equal(tokens, layer_tokens)
+
+
 # === What the compiled decoding loop copies (JAX) ===
 
 

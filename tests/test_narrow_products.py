@@ -2,17 +2,20 @@
 decoder block's Dense and EinsumDense layers with their bfloat16 kernels
 read as 16 bits (JAX on CPU), and with int8 kernels through
 `torch._int_mm` (PyTorch on CPU) or widened inside the step (JAX on
-CPU)."""
+CPU); and one row through an EinsumDense layer's float kernel as a
+product of two rows on TensorFlow (`decoder.two_row_projection`)."""
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
+from keras_qwenvl import decoder
 from keras_qwenvl import narrow_products
 
 JAX = keras.config.backend() == "jax"
 TORCH = keras.config.backend() == "torch"
+TENSORFLOW = keras.config.backend() == "tensorflow"
 KINDS = ["mlp", "dense_with_bias", "query", "attention_output"]
 
 
@@ -124,6 +127,54 @@ def test_int8_projection_applies_only_to_plain_int8_layers():
     middle.quantize("int8")
     assert not narrow_products.int8_projection_applies(
         middle, ops.ones((2, 16, 3))
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["query", "attention_output"])
+def test_two_row_projection_is_the_layers_call(kind, dtype):
+    """One row's outputs, the layer's own values and dtype, on every
+    backend (it applies on TensorFlow only)."""
+    layer, inputs = projection(kind, dtype=dtype)
+    one = inputs[:1]
+    assert decoder.two_row_projection_applies(layer, one) == TENSORFLOW
+    ours = decoder.two_row_projection(layer, one)
+    theirs = layer(one)
+    assert ours.dtype == theirs.dtype
+    assert tuple(ours.shape) == tuple(theirs.shape)
+    ours, theirs = (
+        np.asarray(ops.convert_to_numpy(ops.cast(t, "float32")))
+        for t in (ours, theirs)
+    )
+    assert np.abs(theirs).max() > 1
+    if dtype == "float32":
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    else:
+        scale = np.abs(theirs).max()
+        np.testing.assert_allclose(
+            ours, theirs, rtol=2.0**-7, atol=1e-2 * scale
+        )
+
+
+def test_two_row_projection_applies_only_to_one_row_of_plain_einsums():
+    """Not to more rows, Dense layers, int8 or LoRA layers, nor an
+    equation whose reduced axes are not the inputs' last."""
+    layer, inputs = projection("query", dtype="float32")
+    assert decoder.two_row_projection_applies(layer, inputs[:1]) == (
+        TENSORFLOW
+    )
+    assert not decoder.two_row_projection_applies(layer, inputs)  # 2 rows
+    dense, dense_inputs = projection("mlp", dtype="float32")
+    assert not decoder.two_row_projection_applies(dense, dense_inputs[:1])
+    layer.enable_lora(2)
+    assert not decoder.two_row_projection_applies(layer, inputs[:1])
+    layer, inputs = projection("attention_output", dtype="float32")
+    layer.quantize("int8")
+    assert not decoder.two_row_projection_applies(layer, inputs[:1])
+    middle = keras.layers.EinsumDense("bdt,dn->btn", output_shape=(3, 6))
+    middle.build((1, 16, 3))
+    assert not decoder.two_row_projection_applies(
+        middle, ops.ones((1, 16, 3))
     )
 
 
