@@ -116,13 +116,7 @@ def two_row_projection(layer, x):
     row = ops.reshape(ops.cast(x, layer.compute_dtype), (1, width))
     rows = ops.concatenate([row, ops.zeros_like(row)], axis=0)
     out = ops.matmul(rows, ops.reshape(kernel, (width, -1)))[:1]
-    lead = tuple(x.shape[: len(x.shape) - count])
-    out = ops.reshape(out, (*lead, *kernel.shape[count:]))
-    if layer.bias is not None:
-        out = ops.add(out, layer.bias)
-    if layer.activation is not None:
-        out = layer.activation(out)
-    return out
+    return narrow_products.layer_outputs(layer, out, x, count)
 
 
 def ntk_alpha_index(lengths, seq_length):

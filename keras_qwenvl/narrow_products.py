@@ -359,8 +359,16 @@ def int8_projection(layer, inputs):
     x = ops.cast(x, layer.compute_dtype)
     scale = ops.reshape(layer.kernel_scale.value, (1, outputs))
     x = ops.divide(x, ops.multiply(rows_scale, scale))
+    return layer_outputs(layer, x, inputs, count)
+
+
+def layer_outputs(layer, product, inputs, count):
+    """`product`, the (rows, outputs) product of the rows of `inputs`'
+    `count` trailing axes by `layer`'s kernel seen as a matrix, as
+    `layer(inputs)` returns it: in the layer's output shape, its bias
+    added, its activation applied."""
     lead = tuple(inputs.shape[: len(inputs.shape) - count])
-    x = ops.reshape(x, (*lead, *layer._kernel.shape[count:]))
+    x = ops.reshape(product, (*lead, *layer._kernel.shape[count:]))
     if layer.bias is not None:
         x = ops.add(x, layer.bias)
     if layer.activation is not None:
