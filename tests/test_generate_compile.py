@@ -119,6 +119,12 @@ def test_tensorflow_generates_under_xla_unless_told_not_to(causal_lm):
     assert len(with_xla[0]) > len(inputs["prompts"][0])
 
 
+def hlo_computation(text, name):
+    """The computation `name` of the HLO module `text`, header to end."""
+    body = text[text.index(f"\n%{name} ") :]
+    return body[: body.index("\n}\n")]
+
+
 def tensorflow_looped_products(causal_lm, inputs):
     """The products that TensorFlow's XLA compiles into loop fusions
     (element by element) in the generate function, and its tokens."""
@@ -134,8 +140,7 @@ def tensorflow_looped_products(causal_lm, inputs):
     )
     products = []
     for name in set(re.findall(r"kind=kLoop, calls=%([\w.\-]+)", text)):
-        body = text[text.index(f"\n%{name} ") :]
-        body = body[: body.index("\n}\n")]
+        body = hlo_computation(text, name)
         products += re.findall(r"= (\w+\[[\d,]*\])\S* dot\(", body)
     tokens = function(inputs, None)["token_ids"]
     return products, ops.convert_to_numpy(tokens)
@@ -193,20 +198,17 @@ def decoding_loop_copies(causal_lm, inputs):
     values = [v.value for v in variables]
     text = jax.jit(generate).lower(values, inputs).compile().as_text()
 
-    def computation(name):
-        body = text[text.index(f"\n%{name} ") :]
-        return body[: body.index("\n}\n")]
-
     def moves(body):
         return re.search(r"\} (copy|transpose)\(", body) is not None
 
     bodies = re.findall(r"body=%([\w.\-]+)", text)
     assert len(bodies) == 1, bodies
     shapes = []
-    for line in computation(bodies[0]).splitlines():
+    for line in hlo_computation(text, bodies[0]).splitlines():
         shape = re.search(r"= (\w+\[[\d,]*\])", line)
         called = re.search(r"calls=%([\w.\-]+)", line)
-        if moves(line) or (called and moves(computation(called.group(1)))):
+        inner = called and hlo_computation(text, called.group(1))
+        if moves(line) or (inner and moves(inner)):
             shapes.append(shape.group(1))
     return shapes
 
